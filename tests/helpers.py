@@ -1,0 +1,49 @@
+"""Helpers for tests: fixture paths, official NCHW arrays, and running the real CLIs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def fixture(name: str) -> Path:
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.fail(f"missing test fixture {path}")
+    return path
+
+
+def load_npz(name: str) -> dict[str, np.ndarray]:
+    with np.load(fixture(name)) as d:
+        return {k: d[k] for k in d.files}
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+    return np.transpose(x, (0, 2, 3, 1))
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """Runs `python ARGS...` from the repository root, as a user would."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env.setdefault("JAX_PLATFORMS", "cpu")
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env=full_env, input=input, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def convert(script: str, *args: str, out: Path) -> Path:
+    """Runs the real converter CLI `ports/<script>` and returns the written file."""
+    run_cli(f"ports/{script}", *args, str(out))
+    assert out.exists()
+    return out
