@@ -61,8 +61,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
     for k, v in tree.items():
         if isinstance(v, Mapping):
             out.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(v)
+        else:  # arrays, or ShapeDtypeStructs from jax.eval_shape
+            out[f"{prefix}{k}"] = v if hasattr(v, "shape") else np.asarray(v)
     return out
 
 
@@ -81,7 +81,8 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], meta: Meta) -> N
     """Writes `variables` ({collection: nested dict of arrays}) atomically with `meta`."""
     from safetensors.numpy import save_file
 
-    tensors = {k: np.ascontiguousarray(v) for k, v in flatten(variables).items()}
+    # Not np.ascontiguousarray: it turns 0-d arrays into 1-d ones.
+    tensors = {k: np.array(v, order="C") for k, v in flatten(variables).items()}
     metadata = {
         "format": FORMAT,
         "kind": meta.kind,

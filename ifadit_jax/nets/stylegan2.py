@@ -1,0 +1,404 @@
+"""StyleGAN2 generator (mapping net f and synthesis net G) in Flax, NHWC.
+
+One module serves both official layouts: rosinality/stylegan2-pytorch (`flavor="rosinality"`,
+used by pSp and iFADIT) and NVlabs/stylegan2-ada-pytorch (`flavor="nvlabs"`). They compute the
+same network and differ only in where the 1/sqrt(fan_in) weight gain sits relative to
+demodulation (rosinality applies it before, NVlabs leaves it out of demodulated layers, which only
+moves the 1e-8 epsilon) and in NVlabs' `conv_clamp`. Parameters are stored raw, as in the
+checkpoints, and the equalized-learning-rate gains are applied at run time, so training updates
+see the same parameterization as the official code.
+
+Modulation is applied to the activations around a shared-weight convolution
+(conv(x * s, W) * d == conv(x, W * s * d)): the same math as the official per-sample grouped
+convolution, but it batches.
+
+Parameter tree (collections):
+  params/mapping/fc{i}/{kernel [in,out], bias}
+  params/synthesis/b4/const [4,4,C]
+  params/synthesis/b{res}/{conv0,conv1,torgb}/{affine/{kernel,bias}, weight [k,k,I,O], bias,
+                                               noise_strength []}
+  consts/mapping/w_avg [w_dim]
+  consts/synthesis/b{res}/{conv0,conv1}/noise_const [res,res]
+
+Layer order of W+ (n_latent = 2*log2(res) - 2): b4.conv1 w[0], b4.torgb w[1]; then per block
+conv0 w[i], conv1 w[i+1], torgb w[i+2] for i = 1, 3, 5, ... (each ToRGB shares its index with the
+next block's conv0), exactly as both official implementations index it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ifadit_jax.errors import InputError
+
+_SQRT2 = math.sqrt(2.0)
+_BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
+NOISE_MODES = ("const", "random", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the converter infers from a checkpoint (widths are never hard-coded)."""
+
+    resolution: int = 256
+    z_dim: int = 512
+    w_dim: int = 512
+    n_mapping: int = 8
+    lr_mul: float = 0.01
+    channels: tuple[tuple[int, int], ...] = ()  # ((4, 512), (8, 512), ..., (256, 128))
+    flavor: str = "rosinality"
+    conv_clamp: float | None = None
+    img_channels: int = 3
+
+    @property
+    def n_latent(self) -> int:
+        return 2 * int(math.log2(self.resolution)) - 2
+
+    @property
+    def n_noise(self) -> int:
+        return 2 * int(math.log2(self.resolution)) - 3
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["channels"] = [list(c) for c in self.channels]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Config":
+        d = dict(d)
+        d["channels"] = tuple((int(r), int(c)) for r, c in d["channels"])
+        return cls(**d)
+
+
+def rosinality_channels(resolution: int, channel_multiplier: int = 2, divisor: int = 1):
+    """The channel table of rosinality's Generator (config-f widths when divisor == 1)."""
+    table = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * channel_multiplier,
+             128: 128 * channel_multiplier, 256: 64 * channel_multiplier,
+             512: 32 * channel_multiplier, 1024: 16 * channel_multiplier}
+    return tuple((r, table[r] // divisor) for r in sorted(table) if r <= resolution)
+
+
+def blur_kernel(gain: float = 1.0) -> np.ndarray:
+    """The [1,3,3,1] FIR filter as a normalized 4x4 kernel, times `gain`."""
+    k = np.asarray(_BLUR_TAPS, np.float64)
+    k = np.outer(k, k)
+    return (k / k.sum() * gain).astype(np.float32)
+
+
+def _depthwise(x, kernel, padding, lhs_dilation=(1, 1)):
+    """Same 2-D FIR filter on every channel of NHWC `x` (the kernel is symmetric, so the
+    convolution/correlation flip of the official upfirdn2d does not matter)."""
+    c = x.shape[-1]
+    k = jnp.asarray(kernel, x.dtype)[:, :, None, None]
+    k = jnp.broadcast_to(k, k.shape[:2] + (1, c))
+    return jax.lax.conv_general_dilated(
+        x, k, window_strides=(1, 1), padding=padding, lhs_dilation=lhs_dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+
+def upsample2x(x):
+    """upfirdn2d(x, blur*4, up=2, pad=(2,1)): zero insertion, then the blur filter."""
+    # Zero insertion leaves one trailing zero row/column; lhs_dilation does not, so pad one more.
+    return _depthwise(x, blur_kernel(4.0), ((2, 2), (2, 2)), lhs_dilation=(2, 2))
+
+
+def modulated_conv(x, weight, style, *, demodulate: bool, up: bool):
+    """Modulated convolution of NHWC `x` [B,H,W,I] with `weight` [k,k,I,O] and `style` [B,I].
+
+    Demodulation divides each output channel by the norm of its modulated weights (+1e-8).
+    With `up`, this is the official transposed 3x3 convolution with stride 2 followed by the
+    [1,3,3,1] blur with padding (1, 1).
+    """
+    k = weight.shape[0]
+    y_in = x * style[:, None, None, :].astype(x.dtype)
+    if up:
+        # conv_transpose(stride 2, pad 0) == dilated-input correlation with the flipped kernel.
+        y = jax.lax.conv_general_dilated(
+            y_in, weight[::-1, ::-1].astype(x.dtype), window_strides=(1, 1),
+            padding=((k - 1, k - 1), (k - 1, k - 1)), lhs_dilation=(2, 2),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = _depthwise(y, blur_kernel(4.0), ((1, 1), (1, 1)))
+    else:
+        y = jax.lax.conv_general_dilated(
+            y_in, weight.astype(x.dtype), window_strides=(1, 1),
+            padding=((k // 2, k // 2), (k // 2, k // 2)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if demodulate:
+        w2 = jnp.sum(jnp.square(weight.astype(jnp.float32)), axis=(0, 1))  # [I, O]
+        d = jax.lax.rsqrt(jnp.square(style.astype(jnp.float32)) @ w2 + 1e-8)  # [B, O]
+        y = y * d[:, None, None, :].astype(y.dtype)
+    return y
+
+
+class EqualDense(nn.Module):
+    """Linear layer with equalized learning rate: y = x @ (W * lr_mul / sqrt(in)) + b * lr_mul."""
+
+    features: int
+    lr_mul: float = 1.0
+    bias_init: float = 0.0
+
+    @nn.compact
+    def __call__(self, x):
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", lambda k, s: jax.random.normal(k, s) / self.lr_mul,
+                            (fan_in, self.features))
+        bias = self.param("bias", nn.initializers.constant(self.bias_init), (self.features,))
+        return x @ (kernel * (self.lr_mul / math.sqrt(fan_in))) + bias * self.lr_mul
+
+
+def _lrelu(x, bias, clamp=None):
+    """Bias, leaky ReLU 0.2 and gain sqrt(2) (the official fused_lrelu / bias_act), then clamp."""
+    x = jax.nn.leaky_relu(x + bias, 0.2) * _SQRT2
+    return x if clamp is None else jnp.clip(x, -clamp, clamp)
+
+
+class Mapping(nn.Module):
+    """f: z [B, z_dim] -> w [B, w_dim]: PixelNorm, n EqualDense + lrelu (lr_mul 0.01), then
+    truncation towards `truncation_latent` (default: the stored average latent `w_avg`)."""
+
+    w_dim: int
+    n_layers: int
+    lr_mul: float
+
+    @nn.compact
+    def __call__(self, z, truncation=1.0, truncation_latent=None):
+        x = z * jax.lax.rsqrt(jnp.mean(jnp.square(z), axis=-1, keepdims=True) + 1e-8)
+        for i in range(self.n_layers):
+            x = EqualDense(self.w_dim, self.lr_mul, name=f"fc{i}")(x)
+            x = jax.nn.leaky_relu(x, 0.2) * _SQRT2
+        w_avg = self.variable("consts", "w_avg", lambda: jnp.zeros((self.w_dim,)))
+        centre = w_avg.value if truncation_latent is None else truncation_latent
+        # The official code skips truncation at psi == 1; `where` keeps that bit-exact.
+        return jnp.where(truncation == 1.0, x, centre + truncation * (x - centre))
+
+
+class SynthesisLayer(nn.Module):
+    """Modulated 3x3 conv (optionally 2x up), noise injection, bias + lrelu."""
+
+    out_channels: int
+    resolution: int
+    up: bool
+    flavor: str
+    conv_clamp: float | None
+
+    @nn.compact
+    def __call__(self, x, w, noise_mode: str, noise=None):
+        cin = x.shape[-1]
+        style = EqualDense(cin, bias_init=1.0, name="affine")(w)
+        weight = self.param("weight", nn.initializers.normal(1.0), (3, 3, cin, self.out_channels))
+        if self.flavor == "rosinality":
+            style = style / math.sqrt(cin * 9)
+        y = modulated_conv(x, weight, style, demodulate=True, up=self.up)
+        strength = self.param("noise_strength", nn.initializers.zeros, ())
+        const = self.variable("consts", "noise_const", lambda: jax.random.normal(
+            self.make_rng("params"), (self.resolution, self.resolution)))
+        if noise is not None:
+            y = y + strength * noise
+        elif noise_mode == "const":
+            y = y + strength * const.value[None, :, :, None]
+        elif noise_mode == "random":
+            y = y + strength * jax.random.normal(self.make_rng("noise"), y.shape[:3] + (1,), y.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.out_channels,))
+        return _lrelu(y, bias, self.conv_clamp)
+
+
+class ToRGB(nn.Module):
+    """Modulated 1x1 conv without demodulation, plus bias (and NVlabs' clamp)."""
+
+    img_channels: int
+    conv_clamp: float | None
+
+    @nn.compact
+    def __call__(self, x, w):
+        cin = x.shape[-1]
+        style = EqualDense(cin, bias_init=1.0, name="affine")(w) / math.sqrt(cin)
+        weight = self.param("weight", nn.initializers.normal(1.0), (1, 1, cin, self.img_channels))
+        bias = self.param("bias", nn.initializers.zeros, (self.img_channels,))
+        y = modulated_conv(x, weight, style, demodulate=False, up=False) + bias
+        return y if self.conv_clamp is None else jnp.clip(y, -self.conv_clamp, self.conv_clamp)
+
+
+class Synthesis(nn.Module):
+    """G: W+ [B, n_latent, w_dim] -> image [B, res, res, img_channels] (skip architecture)."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, ws, noise_mode: str = "const", noise: Sequence[Any] | None = None):
+        cfg = self.config
+        ch = dict(cfg.channels)
+        noise = list(noise) if noise is not None else [None] * cfg.n_noise
+        b4 = _Block4(ch[4], cfg, name="b4")
+        x, img = b4(ws[:, 0], ws[:, 1], noise_mode, noise[0], batch=ws.shape[0])
+        i = 1
+        res = 8
+        while res <= cfg.resolution:
+            x, img = _Block(ch[res], res, cfg, name=f"b{res}")(
+                x, img, ws[:, i], ws[:, i + 1], ws[:, i + 2], noise_mode, noise[i], noise[i + 1])
+            i += 2
+            res *= 2
+        return img
+
+
+class _Block4(nn.Module):
+    channels: int
+    config: Config
+
+    @nn.compact
+    def __call__(self, w_conv, w_rgb, noise_mode, noise, batch):
+        cfg = self.config
+        const = self.param("const", nn.initializers.normal(1.0), (4, 4, self.channels))
+        x = jnp.broadcast_to(const[None], (batch, 4, 4, self.channels)).astype(w_conv.dtype)
+        x = SynthesisLayer(self.channels, 4, False, cfg.flavor, cfg.conv_clamp, name="conv1")(
+            x, w_conv, noise_mode, noise)
+        img = ToRGB(cfg.img_channels, cfg.conv_clamp, name="torgb")(x, w_rgb)
+        return x, img
+
+
+class _Block(nn.Module):
+    channels: int
+    resolution: int
+    config: Config
+
+    @nn.compact
+    def __call__(self, x, img, w0, w1, w_rgb, noise_mode, noise0, noise1):
+        cfg = self.config
+        x = SynthesisLayer(self.channels, self.resolution, True, cfg.flavor, cfg.conv_clamp,
+                           name="conv0")(x, w0, noise_mode, noise0)
+        x = SynthesisLayer(self.channels, self.resolution, False, cfg.flavor, cfg.conv_clamp,
+                           name="conv1")(x, w1, noise_mode, noise1)
+        y = ToRGB(cfg.img_channels, cfg.conv_clamp, name="torgb")(x, w_rgb)
+        return x, upsample2x(img) + y
+
+
+class Generator(nn.Module):
+    """Mapping and synthesis together (`map`, `synthesize`)."""
+
+    config: Config
+
+    def setup(self):
+        cfg = self.config
+        self.mapping = Mapping(cfg.w_dim, cfg.n_mapping, cfg.lr_mul)
+        self.synthesis = Synthesis(cfg)
+
+    def __call__(self, z, noise_mode: str = "const"):
+        """For `init`: z [B, z_dim] -> image, through every parameter."""
+        w = self.map(z)
+        return self.synthesis(jnp.repeat(w[:, None], self.config.n_latent, axis=1), noise_mode)
+
+    def map(self, z, truncation=1.0, truncation_latent=None):
+        return self.mapping(z, truncation, truncation_latent)
+
+    def synthesize(self, ws, noise_mode: str = "const", noise=None):
+        return self.synthesis(ws, noise_mode, noise)
+
+
+def _as_noise(noise, n_noise: int):
+    """User noise list -> NHWC [B|1, H, W, 1] arrays. Accepts [H,W], [B,H,W], [B,H,W,1], [B,1,H,W]."""
+    if len(noise) != n_noise:
+        raise InputError(f"noise must be a list of {n_noise} arrays, got {len(noise)}")
+    out = []
+    for n in noise:
+        n = jnp.asarray(n, jnp.float32)
+        if n.ndim == 2:
+            n = n[None, :, :, None]
+        elif n.ndim == 3:
+            n = n[..., None]
+        elif n.ndim == 4 and n.shape[1] == 1 and n.shape[-1] != 1:
+            n = jnp.transpose(n, (0, 2, 3, 1))
+        out.append(n)
+    return tuple(out)
+
+
+class StyleGAN2:
+    """A loaded generator. Calls are jitted; the pure functions stay reachable through
+    `module.apply(variables, ..., method="map" | "synthesize")` for use inside other jits.
+
+    Attributes: `config`, `module`, `variables`, `n_latent`, `resolution`, `w_dim`, `z_dim`,
+    `latent_avg` ([w_dim], the checkpoint's average latent, used when truncating).
+    """
+
+    def __init__(self, config: Config, variables: dict):
+        self.config = config
+        self.module = Generator(config)
+        self.variables = variables
+        self._map = jax.jit(functools.partial(self.module.apply, method="map"))
+        self._synth = jax.jit(functools.partial(self.module.apply, method="synthesize"),
+                              static_argnames=("noise_mode",))
+
+    n_latent = property(lambda self: self.config.n_latent)
+    resolution = property(lambda self: self.config.resolution)
+    w_dim = property(lambda self: self.config.w_dim)
+    z_dim = property(lambda self: self.config.z_dim)
+    latent_avg = property(lambda self: self.variables["consts"]["mapping"]["w_avg"])
+
+    def mapping(self, z, truncation: float = 1.0, truncation_latent=None):
+        """z [B, z_dim] -> w [B, w_dim]; truncation pulls w towards `truncation_latent`
+        (default: the checkpoint's average latent)."""
+        z = jnp.asarray(z, jnp.float32)
+        if z.ndim != 2 or z.shape[1] != self.z_dim:
+            raise InputError(f"z must have shape [B, {self.z_dim}], got {tuple(z.shape)}")
+        if truncation_latent is not None:
+            truncation_latent = jnp.reshape(jnp.asarray(truncation_latent, jnp.float32), (-1,))
+        return self._map(self.variables, z, jnp.float32(truncation), truncation_latent)
+
+    def synthesis(self, ws, noise_mode: str = "const", noise=None, rng=None):
+        """ws [B, n_latent, w_dim] (W+) or [B, w_dim] -> images [B, H, W, 3] (about [-1, 1]).
+
+        noise_mode: "const" uses the stored noise buffers, "random" draws fresh noise from `rng`,
+        "none" adds none; an explicit `noise` list (one array per layer) overrides it.
+        """
+        ws = jnp.asarray(ws, jnp.float32)
+        if ws.ndim == 2:
+            ws = jnp.repeat(ws[:, None], self.n_latent, axis=1)
+        if ws.ndim != 3 or ws.shape[1:] != (self.n_latent, self.w_dim):
+            raise InputError(f"ws must have shape [B, {self.n_latent}, {self.w_dim}] or "
+                             f"[B, {self.w_dim}], got {tuple(ws.shape)}")
+        if noise_mode not in NOISE_MODES:
+            raise InputError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        rngs = {}
+        if noise is not None:
+            noise = _as_noise(noise, self.config.n_noise)
+        elif noise_mode == "random":
+            if rng is None:
+                raise InputError("noise_mode='random' needs rng")
+            rngs = {"noise": rng}
+        return self._synth(self.variables, ws, noise_mode=noise_mode, noise=noise, rngs=rngs)
+
+
+def init_variables(config: Config, rng) -> dict:
+    """Random weights in the official initialization (for tests, demos and benchmarks)."""
+    module = Generator(config)
+    variables = jax.jit(module.init)({"params": rng}, jnp.zeros((1, config.z_dim)))
+    return jax.tree.map(np.asarray, variables)
+
+
+def random_generator(config: Config, seed: int = 0) -> StyleGAN2:
+    """A generator with random weights (labelled as such wherever it is used)."""
+    return StyleGAN2(config, init_variables(config, jax.random.key(seed)))
+
+
+def variable_shapes(config: Config) -> dict:
+    """`jax.eval_shape` of the module's variables: what a converter must produce."""
+    return jax.eval_shape(lambda: Generator(config).init(
+        {"params": jax.random.key(0)}, jnp.zeros((1, config.z_dim))))
+
+
+def from_weights(variables: dict, meta) -> StyleGAN2:
+    return StyleGAN2(Config.from_json(meta.config), variables)
+
+
+def load(path) -> StyleGAN2:
+    """Loads a converted generator (see ports/convert_stylegan2.py)."""
+    from ifadit_jax import weights
+
+    variables, meta = weights.read(path, kind="stylegan2")
+    return from_weights(variables, meta)

@@ -1,0 +1,229 @@
+"""StyleGAN2: the converter CLI on the official formats, parity with the official outputs, layer
+checks against independent numpy implementations, and bad input."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ifadit_jax
+from ifadit_jax.errors import InputError
+from ifadit_jax.nets import stylegan2
+from ports import convert_stylegan2
+from ports.reader import read_checkpoint
+from tests.helpers import convert, fixture, load_npz, run_cli
+
+# Fixture README: images reach |10| on untrained nets; f64-vs-f32 differences are ~1e-5 there,
+# so 1e-4 is 10x that. Mapping outputs are O(4) with f64-vs-f32 ~2e-6.
+IMG_ATOL = 1e-4
+W_ATOL = 2e-5
+
+
+def nchw(x):
+    return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def rosinality(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sg2") / "rosinality.safetensors"
+    return ifadit_jax.load(convert("convert_stylegan2.py", str(fixture("rosinality_sg2_256.pt")), out=out))
+
+
+@pytest.fixture(scope="module")
+def nvlabs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sg2") / "ada.safetensors"
+    return ifadit_jax.load(convert("convert_stylegan2.py", str(fixture("ada_network_snapshot_256.pkl")), out=out))
+
+
+@pytest.fixture(scope="module")
+def ros_io():
+    return load_npz("rosinality_sg2_256_io.npz")
+
+
+def test_rosinality_config_from_checkpoint(rosinality, ros_io):
+    G = rosinality
+    assert (G.resolution, G.n_latent, G.w_dim, G.z_dim) == (256, int(ros_io["n_latent"]), 64, 64)
+    assert G.config.n_noise == int(ros_io["num_layers"])
+    assert dict(G.config.channels) == {4: 64, 8: 64, 16: 64, 32: 64, 64: 64, 128: 32, 256: 16}
+    # The checkpoint's latent_avg is G.mean_latent(4096)[0] (fixture README).
+    np.testing.assert_allclose(G.latent_avg, ros_io["mean_latent"][0], atol=1e-6)
+
+
+def test_rosinality_mapping_and_truncation(rosinality, ros_io):
+    G = rosinality
+    np.testing.assert_allclose(G.mapping(ros_io["z"]), ros_io["w"], atol=W_ATOL, rtol=0)
+    w = G.mapping(ros_io["z"], truncation=0.7, truncation_latent=ros_io["mean_latent"])
+    np.testing.assert_allclose(w, ros_io["latent_trunc"][:, 0], atol=W_ATOL, rtol=0)
+    # Default centre is the checkpoint's own average latent.
+    np.testing.assert_allclose(G.mapping(ros_io["z"], truncation=0.7), w, atol=1e-6)
+    img = G.synthesis(w)
+    np.testing.assert_allclose(nchw(img), ros_io["img_trunc"], atol=IMG_ATOL, rtol=0)
+
+
+def test_rosinality_wplus_stored_and_explicit_noise(rosinality, ros_io):
+    G = rosinality
+    img = G.synthesis(ros_io["wplus"], noise_mode="const")
+    np.testing.assert_allclose(nchw(img), ros_io["img_wplus_const"], atol=IMG_ATOL, rtol=0)
+    noise = [ros_io[f"noise_{i}"] for i in range(G.config.n_noise)]  # official (1,1,r,r)
+    img = G.synthesis(ros_io["wplus"], noise=noise)
+    np.testing.assert_allclose(nchw(img), ros_io["img_wplus_noise"], atol=IMG_ATOL, rtol=0)
+
+
+def test_noise_modes(rosinality, ros_io):
+    G = rosinality
+    ws = ros_io["wplus"]
+    a = G.synthesis(ws, "random", rng=jax.random.key(1))
+    b = G.synthesis(ws, "random", rng=jax.random.key(1))
+    c = G.synthesis(ws, "random", rng=jax.random.key(2))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+    zero = [np.zeros((r, r), np.float32) for r in (2 ** ((i + 5) // 2) for i in range(13))]
+    np.testing.assert_allclose(G.synthesis(ws, "none"), G.synthesis(ws, noise=zero), atol=1e-5)
+    with pytest.raises(InputError, match="rng"):
+        G.synthesis(ws, "random")
+    with pytest.raises(InputError, match="noise_mode"):
+        G.synthesis(ws, "loud")
+    with pytest.raises(InputError, match="ws must have shape"):
+        G.synthesis(ws[:, :5])
+
+
+def test_nvlabs_mapping_and_synthesis(nvlabs):
+    io = load_npz("ada_256_io.npz")
+    G = nvlabs
+    assert (G.n_latent, G.config.conv_clamp, G.config.flavor) == (int(io["num_ws"]), 256.0, "nvlabs")
+    np.testing.assert_allclose(G.latent_avg, io["w_avg"], atol=0)
+    np.testing.assert_allclose(G.mapping(io["z"]), io["ws_psi1"][:, 0], atol=W_ATOL, rtol=0)
+    w = G.mapping(io["z"], truncation=float(io["truncation_psi"]))
+    np.testing.assert_allclose(w, io["ws_trunc"][:, 0], atol=W_ATOL, rtol=0)
+    np.testing.assert_allclose(nchw(G.synthesis(io["ws_psi1"], "const")), io["img_const"], atol=IMG_ATOL, rtol=0)
+    np.testing.assert_allclose(nchw(G.synthesis(io["ws_psi1"], "none")), io["img_none"], atol=IMG_ATOL, rtol=0)
+
+
+def test_psp_decoder_converts_to_the_same_generator(rosinality, tmp_path):
+    """The pSp fixture's decoder is the rosinality generator (fixture README, item 3)."""
+    G = ifadit_jax.load(convert("convert_stylegan2.py", str(fixture("psp_ffhq_encode_256.pt")),
+                                out=tmp_path / "psp_decoder.safetensors"))
+    assert G.config == rosinality.config
+    jax.tree.map(np.testing.assert_array_equal, G.variables, rosinality.variables)
+
+
+def test_missing_noise_buffers_fall_back_with_a_warning():
+    ckpt = read_checkpoint(fixture("rosinality_sg2_256.pt"))
+    g = {k: v for k, v in ckpt["g_ema"].items() if not k.startswith("noises.")}
+    with pytest.warns(UserWarning, match="no stored noise buffers"):
+        cfg, variables, _, extra = convert_stylegan2._convert_rosinality(g, ckpt["latent_avg"], "old.pt")
+    assert extra["noise_source"].startswith("fallback")
+    const = variables["consts"]["synthesis"]["b256"]["conv1"]["noise_const"]
+    assert const.shape == (256, 256) and abs(const.std() - 1) < 0.05
+
+
+# ---- layer-level checks against independent numpy implementations of the official ops ----
+
+def _upfirdn2d_np(x, kernel, up, pad0, pad1):
+    """Official upfirdn2d semantics on one NCHW-free [H, W] plane: zero-insert, pad, correlate
+    with the flipped kernel."""
+    h, w = x.shape
+    u = np.zeros((h * up, w * up), np.float64)
+    u[::up, ::up] = x
+    u = np.pad(u, ((pad0, pad1), (pad0, pad1)))
+    k = np.flip(kernel)
+    kh, kw = k.shape
+    out = np.zeros((u.shape[0] - kh + 1, u.shape[1] - kw + 1))
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] = (u[i:i + kh, j:j + kw] * k).sum()
+    return out
+
+
+def test_upsample_matches_upfirdn2d():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 5, 6, 2)).astype(np.float32)
+    got = np.asarray(stylegan2.upsample2x(jnp.asarray(x)))
+    for c in range(2):
+        want = _upfirdn2d_np(x[0, :, :, c], stylegan2.blur_kernel(4.0), up=2, pad0=2, pad1=1)
+        np.testing.assert_allclose(got[0, :, :, c], want, atol=1e-5)
+
+
+def _modconv_np(x, weight, style, demodulate, up):
+    """The official per-sample formulation: modulate the weights, then convolve each sample
+    (transposed conv stride 2 + blur for `up`)."""
+    b, h, w, cin = x.shape
+    k, _, _, cout = weight.shape
+    outs = []
+    for n in range(b):
+        wn = weight.astype(np.float64) * style[n][None, None, :, None]
+        if demodulate:
+            wn = wn / np.sqrt((wn ** 2).sum(axis=(0, 1, 2)) + 1e-8)
+        if up:  # conv_transpose2d(stride=2, padding=0), kernel [k,k,I,O] unflipped
+            y = np.zeros((2 * h + k - 2, 2 * w + k - 2, cout))
+            for i in range(h):
+                for j in range(w):
+                    y[2 * i:2 * i + k, 2 * j:2 * j + k] += np.einsum("c,abco->abo", x[n, i, j], wn)
+            y = np.stack([_upfirdn2d_np(y[:, :, o], stylegan2.blur_kernel(4.0), 1, 1, 1)
+                          for o in range(cout)], -1)
+        else:
+            p = k // 2
+            xp = np.pad(x[n], ((p, p), (p, p), (0, 0)))
+            y = np.zeros((h, w, cout))
+            for i in range(h):
+                for j in range(w):
+                    y[i, j] = np.einsum("abc,abco->o", xp[i:i + k, j:j + k], wn)
+        outs.append(y)
+    return np.stack(outs)
+
+
+@pytest.mark.parametrize("up,demodulate", [(False, True), (True, True), (False, False)])
+def test_modulated_conv_matches_per_sample_weights(up, demodulate):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 4, 5, 3)).astype(np.float32)
+    weight = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+    style = rng.standard_normal((2, 3)).astype(np.float32)
+    got = stylegan2.modulated_conv(jnp.asarray(x), jnp.asarray(weight), jnp.asarray(style),
+                                   demodulate=demodulate, up=up)
+    np.testing.assert_allclose(got, _modconv_np(x, weight, style, demodulate, up), atol=1e-4)
+
+
+# ---- bad input: one line, non-zero exit, nothing written ----
+
+@pytest.mark.parametrize("case", ["text", "other_network", "truncated", "no_dir", "missing"])
+def test_converter_bad_input(tmp_path, case):
+    out = tmp_path / "out.safetensors"
+    if case == "text":
+        src = tmp_path / "notes.pt"
+        src.write_text("not a checkpoint")
+    elif case == "other_network":
+        src = fixture("bisenet_faceparsing.pth")
+    elif case == "truncated":
+        data = fixture("rosinality_sg2_256.pt").read_bytes()
+        src = tmp_path / "cut.pt"
+        src.write_bytes(data[:100_000])
+    elif case == "no_dir":
+        src = fixture("rosinality_sg2_256.pt")
+        out = tmp_path / "does" / "not" / "exist.safetensors"
+    else:
+        src = tmp_path / "missing.pt"
+    proc = run_cli("ports/convert_stylegan2.py", str(src), str(out), check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    if out.parent.exists():
+        assert not list(out.parent.glob(".tmp-*"))
+
+
+def test_load_rejects_wrong_kind_and_missing_file(tmp_path, rosinality):
+    from ifadit_jax import weights
+    from ifadit_jax.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="not found"):
+        stylegan2.load(tmp_path / "nope.safetensors")
+    p = tmp_path / "other.safetensors"
+    weights.save(p, {"params": {"x": np.zeros(3, np.float32)}}, weights.Meta(kind="bisenet", config={}))
+    with pytest.raises(WeightsError, match="holds a 'bisenet' network, expected 'stylegan2'"):
+        stylegan2.load(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rosinality.synthesis(np.zeros((1, 64), np.float32)).shape == (1, 256, 256, 3)
