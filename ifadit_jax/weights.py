@@ -35,6 +35,8 @@ _LOADERS: dict[str, str] = {
     "mobilefacenet": "ifadit_jax.nets.mobilefacenet:from_weights",
     "lpips": "ifadit_jax.nets.lpips:from_weights",
     "mtcnn": "ifadit_jax.nets.mtcnn:from_weights",
+    "adaface": "ifadit_jax.nets.adaface:from_weights",
+    "inception": "ifadit_jax.nets.inception:from_weights",
 }
 
 
