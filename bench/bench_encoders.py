@@ -1,0 +1,84 @@
+"""Throughput of E_ID (ArcFace IR-SE50) and E_Attr (pSp GradualStyleEncoder), random weights.
+
+Prints images/s at batch 4 (default) for: ArcFace on 112x112 crops, ArcFace's 256x256 identity
+path (crop + adaptive pool + network), and the pSp encoder on 256x256 images; each at the test
+fixtures' reduced widths and at the official widths. Weights are random (drawn from the shapes,
+no checkpoint needed): speed does not depend on their values.
+
+Usage: python bench/bench_encoders.py [--batch 4] [--iters 5] [--only fixture|official]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ifadit_jax.nets import arcface, psp
+
+ARCFACE = {"fixture": (16, 24, 28, 32), "official": (64, 128, 256, 512)}
+# (stage widths, style conv width, w_dim); 14 styles at 256 px.
+PSP = {"fixture": ((16, 32, 48, 64), 64, 64), "official": ((64, 128, 256, 512), 512, 512)}
+
+
+def random_variables(module, example, seed=0):
+    """Variables of the module's shapes, filled with small random values (BN variances positive)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), example)
+
+    def fill(path, s):
+        name = jax.tree_util.keystr(path)
+        if "var" in name or "scale" in name:
+            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+        return (rng.standard_normal(s.shape, dtype=np.float32) / np.sqrt(fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def time_it(fn, variables, x, iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(variables, x))
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        jax.block_until_ready(fn(variables, x))
+    return compile_s, (time.perf_counter() - t0) / iters
+
+
+def report(name, batch, compile_s, step_s):
+    print(f"{name:44s} {batch / step_s:9.1f} images/s   ({step_s * 1e3:8.1f} ms/batch, "
+          f"first call {compile_s:5.1f} s)", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--only", choices=["fixture", "official"])
+    args = parser.parse_args()
+    b = args.batch
+    rng = np.random.default_rng(1)
+    x112 = jnp.asarray(rng.uniform(-1, 1, (b, 112, 112, 3)), jnp.float32)
+    x256 = jnp.asarray(rng.uniform(-1, 1, (b, 256, 256, 3)), jnp.float32)
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), batch {b}")
+    for which in [args.only] if args.only else ["fixture", "official"]:
+        net = arcface.ArcFace(widths=ARCFACE[which])
+        v = random_variables(net, x112)
+        report(f"ArcFace IR-SE50 112px ({which} widths)", b,
+               *time_it(jax.jit(net.apply), v, x112, args.iters))
+        identity = jax.jit(lambda v, x, net=net: net.apply(v, x, method="identity"))
+        report(f"ArcFace identity path 256px ({which} widths)", b,
+               *time_it(identity, v, x256, args.iters))
+        widths, style_width, w_dim = PSP[which]
+        enc = psp.GradualStyleEncoder(widths=widths, style_width=style_width, w_dim=w_dim, n_styles=14)
+        v = random_variables(enc, x256)
+        report(f"pSp encoder 256px -> 14x{w_dim} ({which} widths)", b,
+               *time_it(jax.jit(enc.apply), v, x256, args.iters))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""E_Attr: the pixel2style2pixel GradualStyleEncoder (IR-SE50 body), in Flax.
+
+`psp_encoders.GradualStyleEncoder(50, 'ir_se', opts)` of eladrich/pixel2style2pixel, which iFADIT
+uses unchanged as its attribute encoder (`models/attr_encoder/psp_encoders.py`):
+
+  body = the IR-SE50 body of `irse.py`; taps c1 = unit 6 (H/4), c2 = unit 20 (H/8), c3 = unit 23 (H/16)
+  styles 0-2  from c3                               (GradualStyleBlock, spatial 16: 4 convs)
+  styles 3-6  from p2 = up(c3) + latlayer1(c2)      (spatial 32: 5 convs)
+  styles 7+   from p1 = up(p2) + latlayer2(c1)      (spatial 64: 6 convs)
+  up = bilinear resize with align_corners=True (`bilinear_align_corners`, exact interpolation
+       matrices); latlayer1/2 = 1x1 convs with bias to the last stage width.
+  GradualStyleBlock = [conv3x3 stride 2 pad 1 (bias) -> LeakyReLU(0.01)] * log2(spatial), then the
+       1x1 map flattened and EqualLinear(c, w_dim, lr_mul=1): x @ (W / sqrt(c)) + b.
+  Output: W+ codes [B, n_styles, w_dim], stacked in style order, *without* latent_avg.
+
+pSp adds `latent_avg` ([n_styles, w_dim], from the checkpoint) when trained with
+`start_from_latent_avg` (pSp's FFHQ encoders); iFADIT's attribute encoder does not (its config
+flag is False): `LoadedPSPEncoder.wplus` follows the converted file's flag.
+
+Input range. Every image network here takes NHWC images in [-1, 1]. The encoder weights, though,
+expect what they were trained on: pSp feeds [-1, 1]; the official iFADIT code feeds its [0, 1]
+images unchanged. `input_range` (config, default [-1, 1]) says which; `to_encoder_range` maps the
+[-1, 1] input there as the network's first step, so one image tensor serves E_ID and E_Attr alike.
+
+Widths (stage widths, style conv width, w_dim, n_styles) come from the checkpoint. iFADIT's
+width-reduced fixtures decouple the style conv width c from w_dim (EqualLinear(c, w_dim)); the
+official model has c = w_dim = 512, which is the same code.
+
+Parameter tree: params/body/... (`irse.py`), params/latlayer{1,2}/{kernel,bias},
+params/style_{i}/conv_{j}/{kernel,bias} (official `styles.i.convs.{2j}`),
+params/style_{i}/linear/{weight [c, w_dim] (the official weight transposed, unscaled), bias}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ifadit_jax import weights
+from ifadit_jax.errors import InputError, WeightsError
+from ifadit_jax.nets import irse
+
+TAPS = (6, 20, 23)  # body units feeding c1, c2, c3 (hard-coded in the official forward)
+COARSE, MIDDLE = 3, 7  # styles [0, 3) from c3, [3, 7) from p2, the rest from p1
+LEAKY_SLOPE = 0.01  # nn.LeakyReLU() default inside GradualStyleBlock (not StyleGAN's 0.2)
+SIGNED, UNIT = (-1.0, 1.0), (0.0, 1.0)
+
+
+def style_convs(i: int) -> int:
+    """Number of stride-2 convs of style block i: log2 of its official `spatial` (16, 32, 64)."""
+    return 4 if i < COARSE else 5 if i < MIDDLE else 6
+
+
+def to_encoder_range(x: jax.Array, input_range: Sequence[float]) -> jax.Array:
+    """Maps images in [-1, 1] linearly to `input_range` = (lo, hi), what the weights expect.
+
+    (-1, 1) (pSp) returns x itself; (0, 1) (official iFADIT) gives (x + 1) / 2, exact for the
+    [0, 1] images iFADIT works on when x = image * 2 - 1.
+    """
+    lo, hi = (float(v) for v in input_range)
+    if (lo, hi) == SIGNED:
+        return x
+    return lo + (x + 1.0) * ((hi - lo) / 2.0)
+
+
+def align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of torch's 1-D linear interpolation with align_corners=True.
+
+    Computed as torch's CPU kernel does in float32: source = float32((n_in-1)/(n_out-1)) * i,
+    i0 = floor(source), lambda = source - i0, taps i0 and min(i0 + 1, n_in - 1).
+    """
+    scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)
+    m = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        src = scale * np.float32(i)
+        i0 = min(int(np.floor(src)), n_in - 1)
+        lam = np.float32(min(max(src - np.float32(i0), np.float32(0)), np.float32(1)))
+        m[i, i0] += np.float32(1) - lam
+        m[i, min(i0 + 1, n_in - 1)] += lam
+    return m
+
+
+def bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """`F.interpolate(x, size, mode='bilinear', align_corners=True)` for NHWC x.
+
+    Width first, then height, as torch's kernel nests them; full float32 precision on any backend.
+    """
+    hi = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("jw,bhwc->bhjc", align_corners_matrix(x.shape[2], size[1]), x, precision=hi)
+    return jnp.einsum("ih,bhwc->biwc", align_corners_matrix(x.shape[1], size[0]), x, precision=hi)
+
+
+class EqualLinear(nn.Module):
+    """StyleGAN2 EqualLinear (lr_mul 1, no activation): x @ (weight / sqrt(in)) + bias.
+
+    The weight is kept unscaled, as the official parameter, so training sees the same
+    equalized-learning-rate parametrization.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.normal(1.0), (x.shape[-1], self.features))
+        b = self.param("bias", nn.initializers.zeros, (self.features,))
+        return x @ (w * (1.0 / np.sqrt(x.shape[-1]))) + b
+
+
+class GradualStyleBlock(nn.Module):
+    """[conv3x3/2 + LeakyReLU(0.01)] * n_convs down to 1x1, then EqualLinear(width, w_dim)."""
+
+    width: int
+    w_dim: int
+    n_convs: int
+
+    @nn.compact
+    def __call__(self, x):
+        for j in range(self.n_convs):
+            x = nn.leaky_relu(irse.conv(self.width, 3, 2, f"conv_{j}", bias=True)(x), LEAKY_SLOPE)
+        if x.shape[1:3] != (1, 1):
+            raise InputError(f"pSp encoder: a style block ended at {x.shape[1]}x{x.shape[2]}, not "
+                             "1x1; the encoder takes 256x256 images")
+        return EqualLinear(self.w_dim, name="linear")(x.reshape(x.shape[0], self.width))
+
+
+class GradualStyleEncoder(nn.Module):
+    """pSp GradualStyleEncoder(50, 'ir_se'); NHWC images in [-1, 1] -> W+ [B, n_styles, w_dim].
+
+    widths: the 4 IR-SE50 stage widths (official 64, 128, 256, 512); style_width: GradualStyleBlock
+    conv width (official 512); w_dim: style width (512); n_styles: 2*log2(output_size) - 2
+    (14 for 256 px, 18 for 1024 px); in_channels: opts.input_nc; input_range: see module doc.
+    Inputs other than 256x256 work where the official code works (style blocks must end at 1x1).
+    """
+
+    widths: Sequence[int]
+    style_width: int
+    w_dim: int
+    n_styles: int
+    in_channels: int = 3
+    se: bool = True
+    input_range: Sequence[float] = SIGNED
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """x: [B, 256, 256, in_channels] in [-1, 1] -> codes [B, n_styles, w_dim] (no latent_avg).
+
+        `train=True` runs BatchNorm on batch statistics (apply with mutable=["batch_stats"]).
+        """
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise InputError(f"pSp encoder expects [B, 256, 256, {self.in_channels}] images in [-1, 1], "
+                             f"got {tuple(x.shape)}")
+        x = to_encoder_range(x, self.input_range)
+        feats = irse.IRBody(self.widths, irse.STAGE_UNITS[50], self.se, name="body")(x, train)
+        c1, c2, c3 = (feats[i] for i in TAPS)
+        top = self.widths[-1]
+        p2 = bilinear_align_corners(c3, c2.shape[1:3]) + irse.conv(top, 1, 1, "latlayer1", bias=True)(c2)
+        p1 = bilinear_align_corners(p2, c1.shape[1:3]) + irse.conv(top, 1, 1, "latlayer2", bias=True)(c1)
+        codes = []
+        for i in range(self.n_styles):
+            src = c3 if i < COARSE else p2 if i < MIDDLE else p1
+            codes.append(GradualStyleBlock(self.style_width, self.w_dim, style_convs(i),
+                                           name=f"style_{i}")(src))
+        return jnp.stack(codes, axis=1)
+
+
+def module_from_config(config: dict) -> GradualStyleEncoder:
+    return GradualStyleEncoder(widths=tuple(config["widths"]), style_width=int(config["style_width"]),
+                               w_dim=int(config["w_dim"]), n_styles=int(config["n_styles"]),
+                               in_channels=int(config["in_channels"]), se=bool(config["se"]),
+                               input_range=tuple(config["input_range"]))
+
+
+def init_from_irse50(psp_variables: dict, arcface_variables: dict,
+                     include_input_layer: bool = True) -> dict:
+    """pSp's initialization of the encoder body from IR-SE50 ArcFace weights (`pSp.load_weights`
+    without a checkpoint: `encoder.load_state_dict(ir_se50, strict=False)`).
+
+    Copies the IR body (params and batch_stats under `body`) of `arcface_variables` (e.g.
+    `ifadit_jax.load("model_ir_se50.safetensors").variables`) into a copy of `psp_variables`
+    (e.g. a fresh `module.init`); the ArcFace output layer has no counterpart and is left out, as
+    are the pSp style blocks and lateral layers. `include_input_layer=False` also keeps the
+    encoder's own input layer, as pSp does when the input is not RGB (`label_nc != 0`).
+    Raises WeightsError if the bodies differ in any width or shape (torch raises there too).
+    """
+    def copied(tree: dict) -> dict:
+        return {k: v for k, v in tree.items() if include_input_layer or not k.startswith("input_")}
+
+    out = {col: dict(tree) for col, tree in psp_variables.items()}
+    for col in ("params", "batch_stats"):
+        body = dict(out[col]["body"])
+        src = copied(arcface_variables[col]["body"])
+        weights.check_tree(copied(body), src,
+                           f"init_from_irse50: IR-SE50 {col} do not fit the encoder body")
+        body.update(src)
+        out[col]["body"] = body
+    return out
+
+
+class LoadedPSPEncoder:
+    """A converted pSp encoder: `net(x)` -> W+ codes [B, n_styles, w_dim] for x [B, 256, 256, 3] in
+    [-1, 1] (mapped to the weights' `input_range` inside), without latent_avg.
+
+    `net.latent_avg`: [n_styles, w_dim] from the checkpoint, or None. `net.wplus(x)`: what pSp
+    feeds its decoder, codes + latent_avg if the file says `start_from_latent_avg`, else codes.
+    Inside your own jit use the pure function `net.module.apply(net.variables, x)`.
+    """
+
+    def __init__(self, config: dict, variables: dict[str, Any]):
+        self.config = dict(config)
+        self.module = module_from_config(config)
+        variables = dict(variables)
+        consts = variables.pop("consts", {})
+        self.variables = jax.tree.map(jnp.asarray, variables)
+        self.latent_avg = jnp.asarray(consts["latent_avg"]) if "latent_avg" in consts else None
+        self.start_from_latent_avg = bool(config.get("start_from_latent_avg", False))
+        if self.start_from_latent_avg and self.latent_avg is None:
+            raise WeightsError("pSp encoder: start_from_latent_avg is set but the file has no "
+                               "latent_avg")
+        self._encode = jax.jit(self.module.apply)
+
+    def __call__(self, x) -> jax.Array:
+        return self._encode(self.variables, jnp.asarray(x, jnp.float32))
+
+    def wplus(self, x) -> jax.Array:
+        codes = self(x)
+        return codes + self.latent_avg if self.start_from_latent_avg else codes
+
+
+def from_weights(variables: dict, meta) -> LoadedPSPEncoder:
+    """Loader for kind "psp_encoder" (see `ifadit_jax.load`)."""
+    return LoadedPSPEncoder(meta.config, variables)
