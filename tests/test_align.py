@@ -12,8 +12,9 @@ FACE = np.array([[100.0, 100.0], [160.0, 100.0], [130.0, 130.0], [105.0, 160.0],
 def test_quad_by_hand():
     """Hand calculation of the FFHQ recipe for the upright face above:
     eye_avg (130,100), eye_to_eye (60,0), mouth_avg (130,160), eye_to_mouth (0,60);
-    x = (60,0) - flipud((0,60))*[-1,1] = (60,0) - (60,0)*... = (60,0)+(0,... ) -> direction (1,0);
-    |x| = max(60*2, 60*1.8) = 120; y = (0,120); c = (130,100) + 0.1*(0,60) = (130,106)."""
+    x = (60,0) - flipud((0,60))*[-1,1] = (60,0) - (-60,0) = (120,0), direction (1,0);
+    |x| = max(60*2, 60*1.8) = 120, so x = (120,0); y = flipud(x)*[-1,1] = (0,120);
+    c = (130,100) + 0.1*(0,60) = (130,106); quad = c-x-y, c-x+y, c+x+y, c+x-y."""
     quad = align.ffhq_quad(FACE)
     np.testing.assert_allclose(quad, [[10, -14], [10, 226], [250, 226], [250, -14]], atol=1e-9)
 
