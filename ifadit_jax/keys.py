@@ -1,0 +1,253 @@
+"""KeyGen (paper §3.3.1, Eq. 4): from a secret to the key k that conditions the flow.
+
+    k = f(Norm(KDF(s)))
+
+KDF is Argon2id (memory-hard, from `cryptography`) with 512 output bytes; Norm maps each byte b
+to b / 127.5 - 1 in [-1, 1]; f is StyleGAN2's mapping network, passed in as a callable
+`mapping(u [B, 512]) -> [B, 512]` (e.g. `G.mapping` of a loaded generator). One changed bit of
+the secret gives unrelated KDF bytes, hence an unrelated key.
+
+The KDF parameters (`KdfParams`: memory cost, iterations, lanes, salt) are configuration, not
+secrets: record `kdf.to_json()` with every anonymized output so that recovery can re-derive the
+key from the same secret. The default salt is a fixed, public project constant
+(`DEFAULT_SALT`), so that the secret alone (with the recorded parameters) recovers; a per-user
+or per-dataset salt from `random_salt()` makes precomputed guessing tables useless and must be
+recorded the same way.
+
+The official code has no KDF: its key is k = f(u) with u ~ U[0.5, 1)^512 drawn at random
+(`official_key_seed`, `key_from_vector`).
+
+Secrets come from a file, an environment variable or an interactive prompt (`read_secret`);
+one given on the command line (visible to other users in `ps` and in shell history) is refused
+unless explicitly allowed. A secret is never put into messages, logs or files by this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import json
+import os
+import secrets as _secrets
+import sys
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ifadit_jax.errors import InputError, SecretError
+
+KEY_BYTES = 512  # one KDF byte per key coordinate
+# Public and fixed on purpose: recovery must re-derive the key from the recorded parameters.
+DEFAULT_SALT = b"ifadit-jax/keygen/argon2id/v1"
+MIN_SALT_BYTES = 8  # Argon2 (RFC 9106) minimum
+
+Mapping = Callable[[jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class KdfParams:
+    """Argon2id parameters (RFC 9106 names). Safe to record and publish; never holds a secret.
+
+    memory_cost: KiB of memory per derivation (default 64 MiB, RFC 9106's second
+      recommended setting); iterations: passes over that memory (3); lanes: parallelism (4);
+    salt: bytes, at least 8 (default: the public `DEFAULT_SALT`).
+    The default costs about 0.1 s per derivation on a 2-core x86 CPU (see bench/bench_flow.py).
+    """
+
+    memory_cost: int = 64 * 1024
+    iterations: int = 3
+    lanes: int = 4
+    salt: bytes = DEFAULT_SALT
+    algorithm: str = "argon2id"
+
+    def __post_init__(self):
+        problems = []
+        if self.algorithm != "argon2id":
+            problems.append(f"unknown KDF {self.algorithm!r} (only 'argon2id')")
+        if not isinstance(self.salt, bytes) or len(self.salt) < MIN_SALT_BYTES:
+            problems.append(f"salt must be at least {MIN_SALT_BYTES} bytes")
+        if int(self.lanes) < 1 or int(self.iterations) < 1:
+            problems.append("lanes and iterations must be at least 1")
+        elif int(self.memory_cost) < 8 * int(self.lanes):
+            problems.append(f"memory_cost must be at least 8 KiB per lane ({8 * int(self.lanes)})")
+        if problems:
+            raise InputError("KDF parameters: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return {"algorithm": self.algorithm, "memory_cost": int(self.memory_cost),
+                "iterations": int(self.iterations), "lanes": int(self.lanes),
+                "salt": self.salt.hex(), "output_bytes": KEY_BYTES}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KdfParams":
+        d = dict(d)
+        if d.pop("output_bytes", KEY_BYTES) != KEY_BYTES:
+            raise InputError(f"KDF parameters: output_bytes must be {KEY_BYTES}")
+        unknown = sorted(set(d) - {"algorithm", "memory_cost", "iterations", "lanes", "salt"})
+        if unknown:
+            raise InputError(f"KDF parameters: unknown fields {unknown}")
+        try:
+            if "salt" in d:
+                d["salt"] = bytes.fromhex(d["salt"])
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"KDF parameters: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "KdfParams":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"KDF parameters: not JSON ({e.msg})") from None
+        if not isinstance(d, dict):
+            raise InputError("KDF parameters: expected a JSON object")
+        return cls.from_dict(d)
+
+
+def random_salt(n_bytes: int = 16) -> bytes:
+    """A fresh random salt (from the OS CSPRNG) for `KdfParams(salt=...)`; record it."""
+    if n_bytes < MIN_SALT_BYTES:
+        raise InputError(f"a salt needs at least {MIN_SALT_BYTES} bytes")
+    return _secrets.token_bytes(n_bytes)
+
+
+def _check_secret(secret) -> bytes:
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    if not isinstance(secret, (bytes, bytearray, memoryview)):
+        raise SecretError(f"the secret must be bytes, got {type(secret).__name__}")
+    if len(secret) == 0:
+        raise SecretError("the secret is empty")
+    return bytes(secret)
+
+
+def kdf_bytes(secret: bytes, kdf: KdfParams = KdfParams()) -> bytes:
+    """KDF(s): 512 Argon2id output bytes."""
+    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+    secret = _check_secret(secret)
+    return Argon2id(salt=kdf.salt, length=KEY_BYTES, iterations=int(kdf.iterations),
+                    lanes=int(kdf.lanes), memory_cost=int(kdf.memory_cost)).derive(secret)
+
+
+def normalize_bytes(b: bytes) -> np.ndarray:
+    """Norm: bytes -> float32 [len(b)] with b / 127.5 - 1, in [-1, 1]."""
+    return (np.frombuffer(bytes(b), dtype=np.uint8).astype(np.float32) / np.float32(127.5)
+            - np.float32(1.0))
+
+
+def key_from_vector(u, mapping: Mapping) -> jax.Array:
+    """The official key path: k = f(u). u [B, 512] or [512] -> k of the same shape (float32)."""
+    u = jnp.asarray(u, jnp.float32)
+    if u.ndim not in (1, 2):
+        raise InputError(f"key vector must have shape [512] or [B, 512], got {tuple(u.shape)}")
+    k = jnp.asarray(mapping(u[None] if u.ndim == 1 else u), jnp.float32)
+    return k[0] if u.ndim == 1 else k
+
+
+def official_key_seed(rng: jax.Array, batch: int | None = None, dim: int = 512) -> jax.Array:
+    """The official random key seed u ~ U[0.5, 1)^dim, i.e. (rand + 1) / 2 (test.py):
+    [dim], or [batch, dim] with independent rows."""
+    shape = (dim,) if batch is None else (batch, dim)
+    return (jax.random.uniform(rng, shape, jnp.float32) + 1.0) / 2.0
+
+
+def derive_key(secret: bytes, mapping: Mapping, kdf: KdfParams = KdfParams()) -> jax.Array:
+    """k = f(Norm(KDF(secret))): one key [512] float32 for `sif_forward`/`sif_inverse`.
+
+    secret: non-empty bytes (a str is UTF-8 encoded); mapping: f, [B, 512] -> [B, 512].
+    Raises SecretError for an empty secret (the message never contains the secret).
+    """
+    return key_from_vector(jnp.asarray(normalize_bytes(kdf_bytes(secret, kdf))), mapping)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading secrets
+
+
+def _strip_newline(b: bytes) -> bytes:
+    """Files written with `echo` end in a newline that is not part of the secret."""
+    if b.endswith(b"\r\n"):
+        return b[:-2]
+    if b.endswith(b"\n"):
+        return b[:-1]
+    return b
+
+
+def _prompt(text: str) -> str:
+    return getpass.getpass(text)
+
+
+def read_secret(file: str | os.PathLike | None = None, env: str | None = None,
+                prompt: str | None = None, unsafe_value: str | bytes | None = None,
+                allow_unsafe: bool = False) -> bytes:
+    """Reads the secret from exactly one source and returns it as bytes.
+
+    file: path of a file holding the secret (one trailing newline is dropped; other bytes,
+      including spaces, are part of the secret).
+    env: name of an environment variable holding it (UTF-8).
+    prompt: if neither is given, ask interactively (without echo) with this text; needs a
+      terminal.
+    unsafe_value: a secret given on the command line; refused unless `allow_unsafe` (argv is
+      visible to other users and kept in shell history).
+    Raises SecretError (exit code 6 in the CLIs) with a message that never contains the secret.
+    """
+    given = [name for name, v in (("a secret file", file), ("an environment variable", env),
+                                  ("a command-line secret", unsafe_value)) if v is not None]
+    if len(given) > 1:
+        raise SecretError(f"give the secret in one way only (got {' and '.join(given)})")
+    if unsafe_value is not None:
+        if not allow_unsafe:
+            raise SecretError("refusing a secret given on the command line (other users can read it "
+                              "from the process list and shell history); use a secret file, an "
+                              "environment variable or the prompt, or allow it explicitly")
+        secret = unsafe_value.encode("utf-8") if isinstance(unsafe_value, str) else bytes(unsafe_value)
+    elif file is not None:
+        try:
+            with open(file, "rb") as f:
+                secret = _strip_newline(f.read())
+        except OSError as e:
+            raise SecretError(f"cannot read the secret file {os.fspath(file)}: {e.strerror}") from None
+    elif env is not None:
+        value = os.environ.get(env)
+        if value is None:
+            raise SecretError(f"the environment variable {env} is not set")
+        secret = value.encode("utf-8")
+    elif prompt is not None:
+        if not sys.stdin or not sys.stdin.isatty():
+            raise SecretError("no secret given and no terminal to ask for one "
+                              "(give a secret file or an environment variable)")
+        try:
+            secret = _prompt(prompt).encode("utf-8")
+        except EOFError:
+            raise SecretError("no secret entered") from None
+    else:
+        raise SecretError("no secret given (give a secret file, an environment variable or use the prompt)")
+    if len(secret) == 0:
+        raise SecretError("the secret is empty")
+    return secret
+
+
+def add_secret_arguments(parser) -> None:
+    """Adds --secret-file, --secret-env, --secret and --unsafe-secret-on-command-line to an
+    argparse parser; read the secret with `secret_from_args(args)`."""
+    g = parser.add_argument_group("secret (give one; without any, you are asked for it)")
+    g.add_argument("--secret-file", metavar="PATH",
+                   help="file holding the secret (a trailing newline is dropped)")
+    g.add_argument("--secret-env", metavar="VAR", help="environment variable holding the secret")
+    g.add_argument("--secret", metavar="TEXT", help="the secret itself: UNSAFE (visible to other users), "
+                   "needs --unsafe-secret-on-command-line")
+    g.add_argument("--unsafe-secret-on-command-line", action="store_true",
+                   help="allow --secret")
+
+
+def secret_from_args(args, prompt: str = "secret: ") -> bytes:
+    """The secret selected by the options of `add_secret_arguments`."""
+    return read_secret(file=args.secret_file, env=args.secret_env,
+                       prompt=prompt, unsafe_value=args.secret,
+                       allow_unsafe=args.unsafe_secret_on_command_line)
