@@ -128,16 +128,24 @@ def read(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, An
     return unflatten(flat), meta
 
 
+def loader(kind: str) -> Callable[[dict, Meta], Any]:
+    """The function that turns (variables, meta) of network `kind` into a loaded network."""
+    try:
+        target = _LOADERS[kind]
+    except KeyError:
+        raise WeightsError(f"unknown network kind '{kind}'") from None
+    module_name, fn_name = target.split(":")
+    return getattr(importlib.import_module(module_name), fn_name)
+
+
 def load(path: str | os.PathLike) -> Any:
     """Loads any converted network; what it returns depends on the kind stored in the file."""
     variables, meta = read(path)
     try:
-        target = _LOADERS[meta.kind]
-    except KeyError:
+        fn = loader(meta.kind)
+    except WeightsError:
         raise WeightsError(f"{path}: unknown network kind '{meta.kind}'") from None
-    module_name, fn_name = target.split(":")
-    loader: Callable[[dict, Meta], Any] = getattr(importlib.import_module(module_name), fn_name)
-    return loader(variables, meta)
+    return fn(variables, meta)
 
 
 def check_tree(expected: Mapping[str, Any], got: Mapping[str, Any], what: str) -> None:

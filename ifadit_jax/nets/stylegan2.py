@@ -128,7 +128,8 @@ def _transposed_conv_stride2(x, w):
         raise ValueError("the upsampling modulated conv is implemented for 3x3 kernels")
     b, h, wd, _ = x.shape
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    even = jnp.asarray([2, 0])  # window (x[m-1], x[m]) -> taps (w[2], w[0])
+    w = jnp.asarray(w)
+    even = np.array([2, 0])  # window (x[m-1], x[m]) -> taps (w[2], w[0])
 
     def phase(rows_even, cols_even):
         inp = xp if rows_even else xp[:, 1:-1]
@@ -154,10 +155,10 @@ def modulated_conv(x, weight, style, *, demodulate: bool, up: bool):
     k = weight.shape[0]
     y_in = x * style[:, None, None, :].astype(x.dtype)
     if up:
-        y = _transposed_conv_stride2(y_in, weight.astype(x.dtype))
+        y = _transposed_conv_stride2(y_in, jnp.asarray(weight, x.dtype))
         y = _depthwise(y, blur_kernel(4.0), ((1, 0), (1, 0)))
     else:
-        y = _conv(y_in, weight.astype(x.dtype), ((k // 2, k // 2), (k // 2, k // 2)))
+        y = _conv(y_in, jnp.asarray(weight, x.dtype), ((k // 2, k // 2), (k // 2, k // 2)))
     if demodulate:
         w2 = jnp.sum(jnp.square(weight.astype(jnp.float32)), axis=(0, 1))  # [I, O]
         d = jax.lax.rsqrt(jnp.square(style.astype(jnp.float32)) @ w2 + 1e-8)  # [B, O]

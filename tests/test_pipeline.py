@@ -1,0 +1,171 @@
+"""End-to-end: the official release converts into a weights folder and the pipeline reproduces
+the official anonymize and recover passes (fixture README section 12)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ifadit_jax import pipeline
+from ifadit_jax.errors import InputError, WeightsError
+from tests.helpers import fixture, load_npz, nchw_to_nhwc, run_cli
+
+# Official release file name -> fixture file (random weights in the official formats).
+RELEASE = {
+    "attr_best.pth": "ifadit_attr_best.pth",
+    "mlp_best.pth": "ifadit_mlp_latent_mapper.pth",
+    "G_net_15.pth": "ifadit_inn_G_net.pth",
+    "fuse_mlp_15.pth": "ifadit_icl_fusion_mapper10.pth",
+    "550000.pt": "ifadit_stylegan2_256_style512.pt",
+    "model_ir_se50.pth": "ifadit_model_ir_se50.pth",
+    "79999_iter.pth": "bisenet_faceparsing.pth",
+}
+
+
+def make_release_dir(path, skip=()):
+    path.mkdir()
+    for name, src in RELEASE.items():
+        if name not in skip:
+            os.symlink(fixture(src), path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("release")
+    src = make_release_dir(root / "official")
+    run_cli("ports/convert_ifadit.py", "release", str(src), str(root / "weights"))
+    return root / "weights"
+
+
+@pytest.fixture(scope="module")
+def pipe(weights_dir):
+    return pipeline.load(weights_dir)
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    return load_npz("ifadit_e2e_io.npz")
+
+
+def nchw(x):
+    return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+# Tolerances: 10x the float64-vs-float32 column of fixture README section 12.
+TOL = {"id_vec": 3e-6, "id_anon": 2.3e-5, "attr_codes": 1.1e-6, "wplus_anon": 1.7e-5,
+       "img_anon": 8.3e-6, "id_vec_of_anon": 1.9e-6, "id_compensated": 3.5e-6,
+       "id_recovered": 6.2e-5, "attr_codes_of_anon": 1.1e-6, "wplus_rec": 3e-5, "img_rec": 1.8e-5,
+       "wplus_rec_wrong_key": 3.5e-5}
+
+
+def check(name, got, want):
+    np.testing.assert_allclose(np.asarray(got), want, atol=TOL[name], rtol=0, err_msg=name)
+
+
+def test_manifest(weights_dir, pipe):
+    manifest = json.loads((weights_dir / "manifest.json").read_text())
+    assert manifest["conventions"] == "official" and pipe.conventions == pipeline.OFFICIAL
+    assert set(manifest["files"]) == set(pipeline.ROLES)
+    assert manifest["files"]["flow"]["source_file"] == "G_net_15.pth"
+    assert len(pipe.weights_id) == 16 and pipe.weights_id == manifest["weights_id"]
+
+
+def test_official_key_path(pipe, e2e):
+    u = np.broadcast_to(e2e["u"], (2, 512))
+    np.testing.assert_allclose(pipe.key_from_vector(u), e2e["k"], atol=2e-5, rtol=0)
+
+
+def test_anonymize_matches_official(pipe, e2e):
+    out, inter = pipe.anonymize(nchw_to_nhwc(e2e["x"]), e2e["k"], refine=False)
+    check("id_vec", inter["z"], e2e["id_vec"])
+    check("id_anon", inter["z_anon"], e2e["id_anon"])
+    check("attr_codes", inter["attr"], e2e["attr_codes"])
+    check("wplus_anon", inter["wplus"], e2e["wplus_anon"])
+    check("img_anon", nchw(out), e2e["img_anon"])
+    assert inter["mask"] is None
+
+
+def test_recover_matches_official(pipe, e2e):
+    anon = nchw_to_nhwc(e2e["img_anon"])
+    out, inter = pipe.recover(anon, e2e["k"], refine=False)
+    check("id_vec_of_anon", inter["z"], e2e["id_vec_of_anon"])
+    check("id_compensated", inter["z_comp"], e2e["id_compensated"])
+    check("id_recovered", inter["z_rec"], e2e["id_recovered"])
+    check("attr_codes_of_anon", inter["attr"], e2e["attr_codes_of_anon"])
+    check("wplus_rec", inter["wplus"], e2e["wplus_rec"])
+    check("img_rec", nchw(out), e2e["img_rec"])
+    _, wrong = pipe.recover(anon, e2e["k_wrong"], refine=False)
+    check("wplus_rec_wrong_key", wrong["wplus"], e2e["wplus_rec_wrong_key"])
+
+
+def test_refinement_blends_with_the_parser_mask(pipe, e2e):
+    """With refinement, the output is mask*generated + (1-mask)*input, the mask coming from the
+    face parser on the image whose background is kept (Eq. 11)."""
+    x = nchw_to_nhwc(e2e["x"])
+    one_key = e2e["k"][0]  # one [512] key for the whole batch
+    out, inter = pipe.anonymize(x, one_key, refine=True)
+    mask = np.asarray(inter["mask"])
+    # float32 Gaussian taps (as cv2 stores them) can sum to 1 + 1 ulp
+    assert mask.shape == (2, 256, 256, 1) and mask.min() >= 0 and mask.max() <= 1 + 1e-6
+    want = mask * np.asarray(inter["generated"]) + (1 - mask) * x
+    np.testing.assert_allclose(out, want, atol=1e-6)
+    np.testing.assert_allclose(inter["generated"], nchw_to_nhwc(e2e["img_anon"]), atol=TOL["img_anon"])
+    from ifadit_jax import refine
+    parser = pipeline.ROLES["parser"]
+    assert parser[1] == "bisenet"
+    want_mask = refine.face_mask_from_parser(pipe.nets.parser_module, pipe.nets.parser_vars, jnp.asarray(x))
+    np.testing.assert_allclose(mask, want_mask, atol=1e-6)
+
+
+def test_pure_functions_jit_and_grad(pipe, e2e):
+    """`anonymize` is a pure function of the Nets pytree: it jits, and gradients flow to the
+    flow's parameters (what phase-2 training needs)."""
+    x = jnp.asarray(nchw_to_nhwc(e2e["x"]))
+    k = jnp.asarray(e2e["k"])
+
+    def loss(flow_params):
+        nets = pipe.nets.replace(flow=flow_params)
+        out, _ = pipeline.anonymize(nets, x, k, refine=False)
+        return jnp.mean(out)
+
+    g = jax.jit(jax.grad(loss))(pipe.nets.flow)
+    norms = [float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(g)]
+    assert all(np.isfinite(norms)) and sum(norms) > 0
+
+
+def test_bad_calls(pipe, e2e):
+    with pytest.raises(InputError, match="256, 256, 3"):
+        pipe.anonymize(np.zeros((1, 128, 128, 3)), e2e["k"][0])
+    with pytest.raises(InputError, match="key"):
+        pipe.anonymize(np.zeros((1, 256, 256, 3)), np.zeros(100))
+
+
+def test_incomplete_weights_folder(tmp_path, weights_dir):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for f in weights_dir.iterdir():
+        if f.name != "sif.safetensors":
+            os.symlink(f, partial / f.name)
+    with pytest.raises(WeightsError, match="sif.safetensors"):
+        pipeline.load(partial)
+    with pytest.raises(WeightsError, match="manifest.json"):
+        pipeline.load(tmp_path)
+
+
+def test_release_converter_bad_input(tmp_path):
+    src = make_release_dir(tmp_path / "official", skip=("mlp_best.pth",))
+    out = tmp_path / "weights"
+    proc = run_cli("ports/convert_ifadit.py", "release", str(src), str(out), check=False)
+    assert proc.returncode != 0 and "mlp_best.pth" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+    # A file of the wrong network under an official name: nothing is left behind either.
+    os.symlink(fixture("ifadit_icl_fusion_mapper10.pth"), src / "mlp_best.pth")
+    os.unlink(src / "550000.pt")
+    os.symlink(fixture("ifadit_mlp_latent_mapper.pth"), src / "550000.pt")
+    proc = run_cli("ports/convert_ifadit.py", "release", str(src), str(out), check=False)
+    assert proc.returncode != 0 and proc.stderr.startswith("error: ")
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
