@@ -1,0 +1,82 @@
+"""Throughput of the evaluation networks: AdaFace IR-50 and the FID InceptionV3, random weights.
+
+Prints images/s at batch 16 (default) for AdaFace on 112x112 face crops and for the FID Inception
+on 256x256 images (resized to 299 inside, as pytorch-fid does), each at the test fixtures' reduced
+widths and at the official widths, plus SSIM/PSNR on 256x256 image pairs. Weights are random
+(drawn from the shapes, no checkpoint needed): speed does not depend on their values.
+
+Usage: python bench/bench_metrics.py [--batch 16] [--iters 3] [--only fixture|official]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ifadit_jax import metrics
+from ifadit_jax.nets import adaface, inception
+
+ADAFACE = {"fixture": (16, 32, 48, 64), "official": (64, 128, 256, 512)}
+INCEPTION = {"fixture": {k: tuple(c // 4 for c in v) for k, v in inception.OFFICIAL_WIDTHS.items()},
+             "official": inception.OFFICIAL_WIDTHS}
+
+
+def random_variables(module, example, seed=0):
+    """Variables of the module's shapes with small random values (BN variances positive)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), example)
+
+    def fill(path, s):
+        name = jax.tree_util.keystr(path)
+        if "var" in name or "scale" in name:
+            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+        return (rng.standard_normal(s.shape, dtype=np.float32) / np.sqrt(fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def time_it(fn, iters, *args):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        jax.block_until_ready(fn(*args))
+    return compile_s, (time.perf_counter() - t0) / iters
+
+
+def report(name, batch, compile_s, step_s):
+    print(f"{name:46s} {batch / step_s:9.1f} images/s   ({step_s * 1e3:8.1f} ms/batch, "
+          f"first call {compile_s:5.1f} s)", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--only", choices=["fixture", "official"])
+    args = parser.parse_args()
+    b = args.batch
+    rng = np.random.default_rng(1)
+    faces = jnp.asarray(rng.uniform(-1, 1, (b, 112, 112, 3)), jnp.float32)
+    images = jnp.asarray(rng.uniform(0, 1, (b, 256, 256, 3)), jnp.float32)
+    others = jnp.asarray(rng.uniform(0, 1, (b, 256, 256, 3)), jnp.float32)
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), batch {b}")
+    for which in [args.only] if args.only else ["fixture", "official"]:
+        net = adaface.AdaFace(widths=ADAFACE[which])
+        report(f"AdaFace IR-50 112px ({which} widths)", b,
+               *time_it(jax.jit(net.apply), args.iters, random_variables(net, faces), faces))
+        net = inception.FIDInceptionV3(**INCEPTION[which])
+        report(f"FID Inception 256px -> pool3 ({which} widths)", b,
+               *time_it(jax.jit(net.apply), args.iters, random_variables(net, images), images))
+    report("SSIM 256px", b, *time_it(metrics.ssim, args.iters, images, others))
+    report("PSNR 256px", b, *time_it(metrics.psnr, args.iters, images, others))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""AdaFace IR-50 / IR-101 face recognition backbone (mk-minchul/AdaFace `net.py`), in Flax.
+
+The evaluation identity network of paper Tables 1 and 3 (cosine and L1 between AdaFace embeddings).
+`net.build_model('ir_50')` = `Backbone((112, 112), 50, 'ir')` (`ir_101`: 100 layers; IR-18 and
+IR-34 load too). Layers:
+
+  input layer: conv3x3 (stride 1, pad 1, no bias) -> BatchNorm -> PReLU(C)   (as `irse.IRBody`)
+  body: 4 stages of `BasicBlockIR` units (50: 3, 4, 14, 3; 100: 3, 13, 30, 3), the first unit of
+    every stage with stride 2. Unlike pSp's `bottleneck_IR` there is a BatchNorm between the first
+    conv and the PReLU:
+      res      = BN -> conv3x3 (stride 1) -> BN -> PReLU -> conv3x3 (**stride here**) -> BN
+      shortcut = MaxPool2d(1, stride) (plain subsampling) if in == depth,
+                 else conv1x1 (stride, no bias) -> BN
+  output layer: BatchNorm2d -> Dropout(0.4) (inactive: only evaluated) -> flatten in **NCHW order**
+    -> Linear(C*7*7, 512) -> BatchNorm1d(affine=False)
+  outputs: (embedding / ||embedding||_2, ||embedding||_2), no epsilon, as the official forward.
+
+The official input (`inference.to_input`) is an aligned 112x112 face, **BGR**, (v/255 - 0.5)/0.5,
+i.e. [-1, 1]; `preprocess` builds it from RGB images in [0, 1] (or uint8). All BatchNorms have
+torch's eps 1e-5 and run on the running statistics.
+
+Parameter tree (the input layer and unit names follow `irse.IRBody`, so the two read alike):
+  params/body/input_conv/kernel, params/body/input_bn/{scale,bias},
+  params/body/input_prelu/negative_slope,
+  params/body/unit_{i}/{bn1,conv1,bn_mid,prelu,conv2,bn2,shortcut_conv,shortcut_bn}/...
+    (official `body.{i}.res_layer.{0,1,2,3,4,5}` and `body.{i}.shortcut_layer.{0,1}`),
+  params/output_bn/{scale,bias}, params/output_linear/{kernel [C*7*7, 512] (NCHW row order), bias},
+  batch_stats/.../{mean,var} for every BatchNorm (batch_stats/output_bn1d only: affine=False).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ifadit_jax.errors import InputError
+from ifadit_jax.nets import irse
+
+# Units per stage of AdaFace's `get_blocks(num_layers)` for the `BasicBlockIR` depths
+# (152 and 200 use `BottleneckIR` units, which no released AdaFace checkpoint has).
+STAGE_UNITS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
+INPUT_SIZE = 112
+
+
+def preprocess(images_rgb) -> jax.Array:
+    """RGB faces -> the official AdaFace input: BGR, (v - 0.5) / 0.5 in [-1, 1], float32.
+
+    images_rgb: [B, H, W, 3] aligned face crops (112x112 for the 112 model), either float in
+      [0, 1] or uint8 in [0, 255].
+    uint8 input is converted exactly as `inference.to_input` does it (numpy float64, then float32),
+    which reproduces the official tensor bit for bit. Float input is computed in float32 (traceable,
+    differentiable); for images that are exact uint8 levels it differs from the official tensor by
+    at most one float32 ulp (<= 6e-8).
+    """
+    if getattr(images_rgb, "dtype", None) == np.uint8:
+        x = np.asarray(images_rgb)
+        _check_rgb(x)
+        return jnp.asarray(((x[..., ::-1] / 255.0 - 0.5) / 0.5).astype(np.float32))
+    x = jnp.asarray(images_rgb, jnp.float32)
+    _check_rgb(x)
+    return (x[..., ::-1] - 0.5) / 0.5
+
+
+def _check_rgb(x) -> None:
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise InputError(f"AdaFace preprocess expects [B, H, W, 3] RGB images, "
+                         f"got {tuple(x.shape)}")
+
+
+class BasicBlockIR(nn.Module):
+    """Official `BasicBlockIR(in_channel, depth, stride)`; NHWC."""
+
+    depth: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x):
+        if x.shape[-1] == self.depth:
+            shortcut = x[:, ::self.stride, ::self.stride]  # MaxPool2d(kernel 1, stride)
+        else:
+            shortcut = irse.conv(self.depth, 1, self.stride, "shortcut_conv")(x)
+            shortcut = irse.batch_norm(False, "shortcut_bn")(shortcut)
+        r = irse.batch_norm(False, "bn1")(x)
+        r = irse.conv(self.depth, 3, 1, "conv1")(r)
+        r = irse.batch_norm(False, "bn_mid")(r)
+        r = irse.PReLU(name="prelu")(r)
+        r = irse.conv(self.depth, 3, self.stride, "conv2")(r)
+        r = irse.batch_norm(False, "bn2")(r)
+        return r + shortcut
+
+
+class AdaFaceBody(nn.Module):
+    """Input layer + `BasicBlockIR` units: [B, H, W, 3] -> [B, H/16, W/16, widths[3]].
+
+    widths: output width of the 4 stages (official 64, 128, 256, 512); the input layer has
+    widths[0] channels. units: units per stage, `STAGE_UNITS[num_layers]`.
+    """
+
+    widths: Sequence[int]
+    units: Sequence[int]
+
+    @nn.compact
+    def __call__(self, x):
+        x = irse.conv(self.widths[0], 3, 1, "input_conv")(x)
+        x = irse.batch_norm(False, "input_bn")(x)
+        x = irse.PReLU(name="input_prelu")(x)
+        i = 0
+        for depth, n in zip(self.widths, self.units):
+            for j in range(n):
+                x = BasicBlockIR(depth, 2 if j == 0 else 1, name=f"unit_{i}")(x)
+                i += 1
+        return x
+
+
+class AdaFace(nn.Module):
+    """AdaFace `Backbone(input_size, num_layers, 'ir')`, inference only.
+
+    widths: the 4 stage widths (official 64, 128, 256, 512); units: per stage (IR-50:
+    (3, 4, 14, 3), IR-101: (3, 13, 30, 3)); emb_dim: 512; input_size: 112 (or 224).
+    """
+
+    widths: Sequence[int]
+    units: Sequence[int] = STAGE_UNITS[50]
+    emb_dim: int = 512
+    input_size: int = INPUT_SIZE
+
+    def _check(self, x):
+        s = self.input_size
+        if x.ndim != 4 or x.shape[1:] != (s, s, 3):
+            raise InputError(f"AdaFace expects [B, {s}, {s}, 3] aligned BGR faces in [-1, 1] "
+                             f"(see adaface.preprocess), got {tuple(x.shape)}")
+
+    @nn.compact
+    def raw_embedding(self, x: jax.Array) -> jax.Array:
+        """x: [B, s, s, 3] BGR in [-1, 1] -> [B, emb_dim], the output layer before normalising."""
+        self._check(x)
+        x = AdaFaceBody(self.widths, self.units, name="body")(x)
+        x = irse.batch_norm(False, "output_bn")(x)
+        x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # official Flatten is NCHW
+        x = nn.Dense(self.emb_dim, name="output_linear")(x)
+        return irse.batch_norm(False, "output_bn1d", affine=False)(x)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: [B, s, s, 3] BGR in [-1, 1] -> (unit embeddings [B, emb_dim], norms [B, 1])."""
+        e = self.raw_embedding(x)
+        norm = jnp.linalg.norm(e, axis=-1, keepdims=True)
+        return e / norm, norm
+
+
+def module_from_config(config: dict) -> AdaFace:
+    return AdaFace(widths=tuple(config["widths"]), units=tuple(config["units"]),
+                   emb_dim=int(config["emb_dim"]), input_size=int(config["input_size"]))
+
+
+class LoadedAdaFace:
+    """A converted AdaFace backbone.
+
+    `net(x)` -> (embeddings [B, 512] unit vectors, norms [B, 1]) for x = `preprocess(rgb)`:
+      [B, 112, 112, 3] BGR in [-1, 1].
+    `net.embed_rgb(images)` -> embeddings [B, 512] for RGB faces in [0, 1] (or uint8).
+    Inside your own jit use the pure function `net.module.apply(net.variables, x)`.
+    """
+
+    def __init__(self, config: dict, variables: dict[str, Any]):
+        self.config = dict(config)
+        self.module = module_from_config(config)
+        self.variables = jax.tree.map(jnp.asarray, variables)
+        self._fwd = jax.jit(self.module.apply)
+
+    def __call__(self, x) -> tuple[jax.Array, jax.Array]:
+        return self._fwd(self.variables, jnp.asarray(x, jnp.float32))
+
+    def embed_rgb(self, images_rgb) -> jax.Array:
+        return self(preprocess(images_rgb))[0]
+
+
+def from_weights(variables: dict, meta) -> LoadedAdaFace:
+    """Loader for kind "adaface" (see `ifadit_jax.load`)."""
+    return LoadedAdaFace(meta.config, variables)
