@@ -1,10 +1,17 @@
-"""`make demo`: renders a sample grid from the built-in small generator and prints throughput.
+"""`make demo`: the whole iFADIT pipeline on a real photo, in one PNG grid.
 
-The built-in generator has the parity fixtures' widths (style dim 64, channels / 8) and RANDOM
-weights: its images are colourful noise, not faces, and the grid says so. With
-`--weights G.safetensors` (a converted official generator) the same command renders real samples.
+Runs on scikit-image's astronaut photograph (NASA, public domain; it ships inside the
+scikit-image package): align the face to the FFHQ crop, anonymize it under three secrets, recover
+it with the right secret and with a wrong one, paste each result back, and print the ArcFace
+identity cosines and the throughput.
 
-  python -m ifadit_jax.demo [--weights G.safetensors] [--out out/demo_grid.png] [--n 8]
+The built-in default has every network at the parity fixtures' small widths with RANDOM weights:
+it shows that the machinery runs end to end and how fast, not what a trained model does (its
+"faces" are coloured noise, and the grid says so). `--weights DIR` (a folder written by
+`python ports/convert_ifadit.py release`) runs the converted official networks instead; with
+`DIR/mtcnn.safetensors` the face is detected rather than taken from the landmarks below.
+
+  python -m ifadit_jax.demo [--weights DIR] [--out out/demo.png]
 """
 
 from __future__ import annotations
@@ -13,65 +20,101 @@ import argparse
 import os
 import time
 
-import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ifadit_jax import cli
+from ifadit_jax import align, cli, faces, imageio, keys, pipeline
 from ifadit_jax.files import atomic_path
-from ifadit_jax.nets import stylegan2
 
-BUILTIN = stylegan2.Config(resolution=256, z_dim=64, w_dim=64,
-                           channels=stylegan2.rosinality_channels(256, 2, 8))
+# MTCNN's five landmarks (eyes, nose, mouth corners) on skimage.data.astronaut(), as the official
+# facenet-pytorch detector finds them; used when no detector weights are at hand.
+ASTRONAUT_LANDMARKS = np.array([[205.01, 101.73], [246.76, 103.71], [224.67, 128.97],
+                                [201.72, 139.25], [245.27, 141.86]])
+SECRETS = (b"demo secret one", b"demo secret two", b"demo secret three")
+WRONG_SECRET = b"not the secret"
+TILE = 256
 
 
-def to_uint8(images) -> np.ndarray:
-    """[B,H,W,3] in about [-1,1] -> uint8."""
-    return np.asarray(np.clip((np.asarray(images) + 1) * 127.5, 0, 255).round(), np.uint8)
+def astronaut() -> np.ndarray:
+    from skimage import data
+
+    return data.astronaut().astype(np.float32) / 255.0
 
 
-def grid(images: np.ndarray, cols: int, label: str | None = None) -> Image.Image:
-    b, h, w, _ = images.shape
-    rows = -(-b // cols)
-    top = 24 if label else 0
-    canvas = Image.new("RGB", (cols * w, rows * h + top), "white")
-    for i, img in enumerate(images):
-        canvas.paste(Image.fromarray(img), ((i % cols) * w, (i // cols) * h + top))
-    if label:
-        ImageDraw.Draw(canvas).text((6, 6), label, fill="black")
+def grid(tiles: list[tuple[str, np.ndarray]], title: str) -> Image.Image:
+    top, cap = 22, 16
+    canvas = Image.new("RGB", (TILE * len(tiles), TILE + top + cap), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, 5), title, fill="black")
+    for i, (label, img) in enumerate(tiles):
+        tile = Image.fromarray(imageio.to_uint8(img)).resize((TILE, TILE), Image.LANCZOS)
+        canvas.paste(tile, (i * TILE, top))
+        draw.text((i * TILE + 6, top + TILE + 2), label, fill="black")
     return canvas
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", help="converted StyleGAN2 .safetensors (default: built-in random weights)")
-    p.add_argument("--out", default="out/demo_grid.png")
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--truncation", type=float, default=0.7)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", help="weights folder (default: built-in small networks, random weights)")
+    p.add_argument("--out", default="out/demo.png")
+    p.add_argument("--kdf-memory-kib", type=int, default=keys.KdfParams().memory_cost)
     args = p.parse_args(argv)
 
+    photo = astronaut()
     if args.weights:
-        G = stylegan2.load(args.weights)
-        label = f"StyleGAN2 {args.weights}, truncation {args.truncation}"
+        pipe = pipeline.load(args.weights)
+        title = f"iFADIT, weights {pipe.weights_id} ({args.weights})"
+        has_detector = os.path.isfile(os.path.join(args.weights, faces.DETECTOR_FILE))
     else:
-        G = stylegan2.random_generator(BUILTIN, seed=args.seed)
-        label = "built-in small StyleGAN2 with RANDOM weights (not a trained model)"
-    z = jax.random.normal(jax.random.key(args.seed), (args.n, G.z_dim))
+        pipe = pipeline.random_pipeline(seed=0)
+        title = "built-in small networks with RANDOM weights (not a trained model): the machinery, not the result"
+        has_detector = False
+    if has_detector:
+        found = faces.detect_faces(faces._load_detector(args.weights, None), photo)
+        a = np.asarray(found[0].transform)
+    else:
+        a = align.crop_transform(ASTRONAUT_LANDMARKS, faces.CROP)
+    crop = align.warp_to_crop(photo, a, faces.CROP)[None]
+
+    kdf = keys.KdfParams(memory_cost=args.kdf_memory_kib)
+    ks = [pipe.key_from_secret(s, kdf) for s in SECRETS]
+    k_wrong = pipe.key_from_secret(WRONG_SECRET, kdf)
 
     t0 = time.perf_counter()
-    images = G.synthesis(G.mapping(z, truncation=args.truncation)).block_until_ready()
-    first = time.perf_counter() - t0
+    results = [pipe.anonymize(crop, k) for k in ks]
+    anon = [out for out, _ in results]
+    anon[0].block_until_ready()
+    compile_s = time.perf_counter() - t0
+    rec, _ = pipe.recover(anon[0], ks[0])
+    wrong, _ = pipe.recover(anon[0], k_wrong)
     t0 = time.perf_counter()
-    images = G.synthesis(G.mapping(z, truncation=args.truncation)).block_until_ready()
+    pipe.recover(pipe.anonymize(crop, ks[0])[0], ks[0])[0].block_until_ready()
     steady = time.perf_counter() - t0
 
+    ids = {name: np.asarray(pipeline.identity(pipe.nets, img))
+           for name, img in [("original", crop), ("anon1", anon[0]), ("anon2", anon[1]),
+                             ("anon3", anon[2]), ("recovered", rec), ("wrong key", wrong)]}
+    mask = np.asarray(results[0][1]["mask"][0])  # the face region of the original crop
+    paste = lambda img: align.paste_back(photo, np.asarray(img[0]), a, mask=mask)  # noqa: E731
+    tiles = [("original", photo), ("anonymized, secret 1", paste(anon[0])),
+             ("anonymized, secret 2", paste(anon[1])), ("anonymized, secret 3", paste(anon[2])),
+             ("recovered (secret 1)", paste(rec)), ("recovered, wrong secret", paste(wrong))]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with atomic_path(args.out) as tmp:
-        grid(to_uint8(images), cols=4, label=label).save(tmp, format="PNG")
-    print(f"wrote {args.out}: {args.n} samples at {G.resolution}px ({label})")
-    print(f"throughput: {args.n / steady:.2f} images/s at batch {args.n} on "
-          f"{jax.devices()[0].platform} (first call incl. compilation {first:.1f} s)")
+        grid(tiles, title).save(tmp, format="PNG")
+
+    print(f"wrote {args.out}: {title}")
+    print("ArcFace identity cosine with the original face:")
+    for name, e in ids.items():
+        if name != "original":
+            print(f"  {name:10s} {cosine(e, ids['original']):+.3f}")
+    print(f"throughput: {1 / steady:.2f} anonymize+recover per second (batch 1, "
+          f"{pipe.nets.generator_module.config.resolution}px, after {compile_s:.1f} s of compilation)")
 
 
 if __name__ == "__main__":

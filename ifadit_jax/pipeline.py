@@ -31,6 +31,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ifadit_jax import flow as flow_lib
 from ifadit_jax import refine as refine_lib
@@ -253,3 +254,74 @@ def load(weights_dir: str | os.PathLike) -> Pipeline:
         variables, meta = weights.read(file, kind=kind)
         loaded[role] = weights.loader(kind)(variables, meta)
     return Pipeline(nets_from_loaded(loaded, conventions), manifest.get("weights_id", ""), manifest)
+
+
+# The built-in default: every network at the parity fixtures' widths with RANDOM weights. It
+# exercises the whole machinery (and the demo) without any download; it anonymizes nothing in
+# any meaningful sense.
+SMALL_CONFIGS = {
+    "id_encoder": {"bn1d_affine": True, "emb_dim": 512, "in_channels": 3, "input_size": 112,
+                   "se": True, "units": [3, 4, 14, 3], "widths": [16, 20, 24, 18]},
+    "attr_encoder": {"in_channels": 3, "input_range": [0.0, 1.0], "n_styles": 14, "se": True,
+                     "start_from_latent_avg": False, "style_width": 16, "units": [3, 4, 14, 3],
+                     "w_dim": 512, "widths": [16, 20, 24, 20]},
+    "mapper": {"features": [256, 512], "in_features": 1024, "negative_slope": 0.2},
+    "generator": {"channels": [[4, 32], [8, 32], [16, 32], [32, 32], [64, 32], [128, 16], [256, 8]],
+                  "conv_clamp": None, "flavor": "rosinality", "img_channels": 3, "lr_mul": 0.01,
+                  "n_mapping": 8, "resolution": 256, "w_dim": 512, "z_dim": 512},
+    "icl": {"features": [192, 256, 160, 512], "in_features": 512, "negative_slope": 0.2},
+    "parser": {"context_width": 16, "fusion_attention_width": 8, "fusion_width": 32,
+               "head_widths": [32, 8, 8], "layer_blocks": [2, 2, 2, 2],
+               "layer_widths": [8, 16, 32, 64], "n_classes": 19, "stem_width": 8},
+}
+_INIT_INPUTS = {"id_encoder": (1, 112, 112, 3), "attr_encoder": (1, 256, 256, 3),
+                "mapper": (1, 14, 1024), "icl": (1, 512), "parser": (1, 512, 512, 3)}
+
+
+def _random_like(shapes, seed: int) -> dict:
+    """He-normal conv/dense kernels, zero biases, identity BatchNorm, PReLU 0.25, N(0, 1) for
+    equalized-lr weights. Filled in numpy: `module.init` would compile each network's forward
+    pass just to draw random numbers."""
+    gen = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name, shape = getattr(path[-1], "key", str(path[-1])), leaf.shape
+        if name == "kernel":
+            fan_in = int(np.prod(shape[:-1]))
+            return (gen.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        if name in ("bias", "mean"):
+            return np.zeros(shape, np.float32)
+        if name in ("scale", "var"):
+            return np.ones(shape, np.float32)
+        if name == "negative_slope":
+            return np.full(shape, 0.25, np.float32)
+        return gen.standard_normal(shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def random_pipeline(seed: int = 0, conventions: Conventions = OFFICIAL) -> Pipeline:
+    """All networks at the fixtures' small widths with random weights (see SMALL_CONFIGS)."""
+    from ifadit_jax.nets import arcface, bisenet, mappers, psp, stylegan2
+
+    builders = {"id_encoder": arcface.module_from_config, "attr_encoder": psp.module_from_config,
+                "mapper": lambda c: mappers._build(mappers.LatentMapper, c)[0],
+                "icl": lambda c: mappers._build(mappers.ICL, c)[0],
+                "parser": bisenet.module_from_config}
+    rngs = dict(zip(ROLES, jax.random.split(jax.random.key(seed), len(ROLES))))
+    loaded = {}
+    for role, (_, kind) in ROLES.items():
+        if role == "flow":
+            cfg = flow_lib.SifConfig(variant=conventions.flow_variant)
+            params = flow_lib.init_sif(rngs[role], cfg)
+            variables, config = flow_lib.to_variables(params), cfg.to_dict()
+        elif role == "generator":
+            config = SMALL_CONFIGS[role]
+            variables = stylegan2.init_variables(stylegan2.Config.from_json(config), rngs[role])
+        else:
+            config = SMALL_CONFIGS[role]
+            module = builders[role](config)
+            shapes = jax.eval_shape(module.init, rngs[role], jnp.zeros(_INIT_INPUTS[role]))
+            variables = _random_like(shapes, seed + len(loaded))
+        loaded[role] = weights.loader(kind)(variables, weights.Meta(kind=kind, config=config))
+    return Pipeline(nets_from_loaded(loaded, conventions), weights_id=f"random-{seed}")

@@ -403,10 +403,27 @@ class StyleGAN2:
 
 
 def init_variables(config: Config, rng) -> dict:
-    """Random weights in the official initialization (for tests, demos and benchmarks)."""
-    module = Generator(config)
-    variables = jax.jit(module.init)({"params": rng}, jnp.zeros((1, config.z_dim)))
-    return jax.tree.map(np.asarray, variables)
+    """Random weights in the official initialization (for tests, demos and benchmarks).
+
+    Filled in numpy from the module's variable shapes: running `module.init` would compile the
+    whole synthesis network just to draw random numbers.
+    """
+    seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+    gen = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        names = [getattr(p, "key", str(p)) for p in path]
+        name, shape = names[-1], leaf.shape
+        normal = lambda: gen.standard_normal(shape).astype(np.float32)  # noqa: E731
+        if name == "kernel" and names[-3:-2] == ["mapping"]:
+            return normal() / config.lr_mul  # EqualDense with lr_mul: N(0, 1) / lr_mul
+        if name == "bias" and names[-2] == "affine":
+            return np.ones(shape, np.float32)  # modulation starts at 1
+        if name in ("bias", "noise_strength", "w_avg"):
+            return np.zeros(shape, np.float32)
+        return normal()  # kernels, conv weights, the constant input, noise buffers
+
+    return jax.tree_util.tree_map_with_path(draw, variable_shapes(config))
 
 
 def random_generator(config: Config, seed: int = 0) -> StyleGAN2:
