@@ -15,7 +15,6 @@ import resource
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax.nets import stylegan2

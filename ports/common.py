@@ -17,6 +17,7 @@ import numpy as np
 
 from ifadit_jax import cli, weights
 from ifadit_jax.errors import InputError, WeightsError
+from ports.reader import flatten_state_dict, read_checkpoint
 
 CONVERTER_VERSION = "1"
 
@@ -68,6 +69,27 @@ def apply_table(state: Mapping[str, np.ndarray], rules: Iterable[Rule], what: st
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise WeightsError(f"{what}: checkpoint does not match the expected network: {shown}")
     return weights.unflatten(flat)
+
+
+def state_dict(path: str, what: str) -> dict[str, np.ndarray]:
+    """A checkpoint's flat model state dict: a bare state dict, or the one under 'state_dict'
+    (training and Lightning checkpoints); a DataParallel `module.` prefix is stripped.
+    `what` names the expected network in the error."""
+    tree = read_checkpoint(path)
+    if isinstance(tree, dict) and isinstance(tree.get("state_dict"), dict):
+        tree = tree["state_dict"]
+    if not isinstance(tree, dict):
+        raise WeightsError(f"{path}: expected a state dict ({what}), got {type(tree).__name__}")
+    return {k[len("module."):] if k.startswith("module.") else k: v
+            for k, v in flatten_state_dict(tree).items()}
+
+
+def batch_norm(src: str, dst: str, affine: bool = True) -> list[Rule]:
+    """Rules for a torch BatchNorm: weight/bias -> params scale/bias, running stats -> batch_stats."""
+    rules = [(f"{src}.weight", f"params/{dst}/scale", same),
+             (f"{src}.bias", f"params/{dst}/bias", same)] if affine else []
+    return rules + [(f"{src}.running_mean", f"batch_stats/{dst}/mean", same),
+                    (f"{src}.running_var", f"batch_stats/{dst}/var", same)]
 
 
 def require(state: Mapping[str, Any], key: str, what: str) -> np.ndarray:

@@ -22,27 +22,15 @@ from ifadit_jax import weights
 from ifadit_jax.errors import WeightsError
 from ifadit_jax.nets import adaface
 from ports import common
-from ports.reader import flatten_state_dict, read_checkpoint
 
 PREFIX = "model."
 
 
-def _bn(src: str, dst: str, affine: bool = True) -> list[common.Rule]:
-    rules = [(f"{src}.weight", f"params/{dst}/scale", common.same),
-             (f"{src}.bias", f"params/{dst}/bias", common.same)] if affine else []
-    return rules + [(f"{src}.running_mean", f"batch_stats/{dst}/mean", common.same),
-                    (f"{src}.running_var", f"batch_stats/{dst}/var", common.same)]
 
 
 def state_dict(path: str) -> dict:
     """The backbone's flat state dict, `model.` stripped, the head's keys dropped."""
-    tree = read_checkpoint(path)
-    if isinstance(tree, dict) and isinstance(tree.get("state_dict"), dict):
-        tree = tree["state_dict"]
-    if not isinstance(tree, dict):
-        raise WeightsError(f"{path}: expected an AdaFace checkpoint (a dict with 'state_dict'), "
-                           f"got {type(tree).__name__}")
-    flat = flatten_state_dict(tree)
+    flat = common.state_dict(path, "AdaFace checkpoint")
     if any(k.startswith(PREFIX) for k in flat):
         return {k[len(PREFIX):]: v for k, v in flat.items() if k.startswith(PREFIX)}
     return {k: v for k, v in flat.items() if not k.startswith("head.")}
@@ -84,7 +72,7 @@ def infer_config(state: dict, what: str) -> dict:
 
 def rules(config: dict) -> list[common.Rule]:
     out = [("input_layer.0.weight", "params/body/input_conv/kernel", common.conv)]
-    out += _bn("input_layer.1", "body/input_bn")
+    out += common.batch_norm("input_layer.1", "body/input_bn")
     out.append(("input_layer.2.weight", "params/body/input_prelu/negative_slope", common.same))
     i, in_ch = 0, config["widths"][0]
     for depth, n in zip(config["widths"], config["units"]):
@@ -93,18 +81,18 @@ def rules(config: dict) -> list[common.Rule]:
             if in_ch != depth:  # else the shortcut is MaxPool2d(1, stride): no parameters
                 out.append((o + "shortcut_layer.0.weight", f"params/{d}/shortcut_conv/kernel",
                             common.conv))
-                out += _bn(o + "shortcut_layer.1", f"{d}/shortcut_bn")
-            out += _bn(o + "res_layer.0", f"{d}/bn1")
+                out += common.batch_norm(o + "shortcut_layer.1", f"{d}/shortcut_bn")
+            out += common.batch_norm(o + "res_layer.0", f"{d}/bn1")
             out.append((o + "res_layer.1.weight", f"params/{d}/conv1/kernel", common.conv))
-            out += _bn(o + "res_layer.2", f"{d}/bn_mid")
+            out += common.batch_norm(o + "res_layer.2", f"{d}/bn_mid")
             out.append((o + "res_layer.3.weight", f"params/{d}/prelu/negative_slope", common.same))
             out.append((o + "res_layer.4.weight", f"params/{d}/conv2/kernel", common.conv))
-            out += _bn(o + "res_layer.5", f"{d}/bn2")
+            out += common.batch_norm(o + "res_layer.5", f"{d}/bn2")
             in_ch, i = depth, i + 1
-    out += _bn("output_layer.0", "output_bn")
+    out += common.batch_norm("output_layer.0", "output_bn")
     out += [("output_layer.3.weight", "params/output_linear/kernel", common.linear),
             ("output_layer.3.bias", "params/output_linear/bias", common.same)]
-    out += _bn("output_layer.4", "output_bn1d", affine=False)
+    out += common.batch_norm("output_layer.4", "output_bn1d", affine=False)
     return out
 
 

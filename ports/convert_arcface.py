@@ -21,14 +21,8 @@ from ifadit_jax import weights
 from ifadit_jax.errors import WeightsError
 from ifadit_jax.nets import arcface, irse
 from ports import common
-from ports.reader import flatten_state_dict, read_checkpoint
 
 
-def _bn(src: str, dst: str, affine: bool = True) -> list[common.Rule]:
-    rules = [(f"{src}.weight", f"params/{dst}/scale", common.same),
-             (f"{src}.bias", f"params/{dst}/bias", common.same)] if affine else []
-    return rules + [(f"{src}.running_mean", f"batch_stats/{dst}/mean", common.same),
-                    (f"{src}.running_var", f"batch_stats/{dst}/var", common.same)]
 
 
 def body_config(state: dict, what: str, prefix: str = "") -> dict:
@@ -51,7 +45,7 @@ def body_config(state: dict, what: str, prefix: str = "") -> dict:
 def body_rules(config: dict, src: str = "", dst: str = "body") -> list[common.Rule]:
     """Official input_layer.* and body.* (under prefix `src`) -> our IRBody at `dst`."""
     rules = [(f"{src}input_layer.0.weight", f"params/{dst}/input_conv/kernel", common.conv)]
-    rules += _bn(f"{src}input_layer.1", f"{dst}/input_bn")
+    rules += common.batch_norm(f"{src}input_layer.1", f"{dst}/input_bn")
     rules.append((f"{src}input_layer.2.weight", f"params/{dst}/input_prelu/negative_slope", common.same))
     i, in_ch = 0, config["widths"][0]
     for depth, n in zip(config["widths"], config["units"]):
@@ -60,12 +54,12 @@ def body_rules(config: dict, src: str = "", dst: str = "body") -> list[common.Ru
             if in_ch != depth:  # else the shortcut is MaxPool2d(1, stride): no parameters
                 rules.append((o + "shortcut_layer.0.weight", f"params/{d}/shortcut_conv/kernel",
                               common.conv))
-                rules += _bn(o + "shortcut_layer.1", f"{d}/shortcut_bn")
-            rules += _bn(o + "res_layer.0", f"{d}/bn1")
+                rules += common.batch_norm(o + "shortcut_layer.1", f"{d}/shortcut_bn")
+            rules += common.batch_norm(o + "res_layer.0", f"{d}/bn1")
             rules.append((o + "res_layer.1.weight", f"params/{d}/conv1/kernel", common.conv))
             rules.append((o + "res_layer.2.weight", f"params/{d}/prelu/negative_slope", common.same))
             rules.append((o + "res_layer.3.weight", f"params/{d}/conv2/kernel", common.conv))
-            rules += _bn(o + "res_layer.4", f"{d}/bn2")
+            rules += common.batch_norm(o + "res_layer.4", f"{d}/bn2")
             if config["se"]:
                 rules.append((o + "res_layer.5.fc1.weight", f"params/{d}/se_fc1/kernel", common.conv))
                 rules.append((o + "res_layer.5.fc2.weight", f"params/{d}/se_fc2/kernel", common.conv))
@@ -79,13 +73,7 @@ def not_batch_counter(key: str) -> bool:
 
 def state_dict(path: str) -> dict[str, np.ndarray]:
     """The flat backbone state dict (a bare one, or under 'state_dict'; `module.` stripped)."""
-    tree = read_checkpoint(path)
-    if isinstance(tree, dict) and isinstance(tree.get("state_dict"), dict):
-        tree = tree["state_dict"]
-    if not isinstance(tree, dict):
-        raise WeightsError(f"{path}: expected an IR-SE ArcFace state dict, got {type(tree).__name__}")
-    state = {k[len("module."):] if k.startswith("module.") else k: v
-             for k, v in flatten_state_dict(tree).items()}
+    state = common.state_dict(path, "IR-SE ArcFace backbone")
     if any(k.startswith("encoder.") for k in state):
         raise WeightsError(f"{path}: this is a pSp checkpoint (encoder.* keys), not an ArcFace "
                            "backbone; convert it with ports/convert_psp.py")
@@ -111,10 +99,10 @@ def infer_config(state: dict, what: str) -> dict:
 
 def rules(config: dict) -> list[common.Rule]:
     out = body_rules(config)
-    out += _bn("output_layer.0", "output_bn")
+    out += common.batch_norm("output_layer.0", "output_bn")
     out += [("output_layer.3.weight", "params/output_linear/kernel", common.linear),
             ("output_layer.3.bias", "params/output_linear/bias", common.same)]
-    out += _bn("output_layer.4", "output_bn1d", affine=config["bn1d_affine"])
+    out += common.batch_norm("output_layer.4", "output_bn1d", affine=config["bn1d_affine"])
     return out
 
 

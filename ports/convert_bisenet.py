@@ -16,14 +16,8 @@ from ifadit_jax import weights
 from ifadit_jax.errors import WeightsError
 from ifadit_jax.nets import bisenet
 from ports import common
-from ports.reader import flatten_state_dict, read_checkpoint
 
 
-def _bn_rules(src: str, dst: str) -> list[common.Rule]:
-    return [(f"{src}.weight", f"params/{dst}/scale", common.same),
-            (f"{src}.bias", f"params/{dst}/bias", common.same),
-            (f"{src}.running_mean", f"batch_stats/{dst}/mean", common.same),
-            (f"{src}.running_var", f"batch_stats/{dst}/var", common.same)]
 
 
 def _conv_rule(src: str, dst: str) -> list[common.Rule]:
@@ -32,28 +26,28 @@ def _conv_rule(src: str, dst: str) -> list[common.Rule]:
 
 def _cbr_rules(src: str, dst: str) -> list[common.Rule]:
     """ConvBNReLU: `.conv` + `.bn`."""
-    return _conv_rule(f"{src}.conv", f"{dst}/conv") + _bn_rules(f"{src}.bn", f"{dst}/bn")
+    return _conv_rule(f"{src}.conv", f"{dst}/conv") + common.batch_norm(f"{src}.bn", f"{dst}/bn")
 
 
 def rules(config: dict) -> list[common.Rule]:
     out: list[common.Rule] = []
     r, d = "cp.resnet", "cp/resnet"
-    out += _conv_rule(f"{r}.conv1", f"{d}/conv1") + _bn_rules(f"{r}.bn1", f"{d}/bn1")
+    out += _conv_rule(f"{r}.conv1", f"{d}/conv1") + common.batch_norm(f"{r}.bn1", f"{d}/bn1")
     in_width = config["stem_width"]
     for li, (width, blocks) in enumerate(zip(config["layer_widths"], config["layer_blocks"])):
         for bi in range(blocks):
             s, t = f"{r}.layer{li + 1}.{bi}", f"{d}/layer{li + 1}_{bi}"
-            out += _conv_rule(f"{s}.conv1", f"{t}/conv1") + _bn_rules(f"{s}.bn1", f"{t}/bn1")
-            out += _conv_rule(f"{s}.conv2", f"{t}/conv2") + _bn_rules(f"{s}.bn2", f"{t}/bn2")
+            out += _conv_rule(f"{s}.conv1", f"{t}/conv1") + common.batch_norm(f"{s}.bn1", f"{t}/bn1")
+            out += _conv_rule(f"{s}.conv2", f"{t}/conv2") + common.batch_norm(f"{s}.bn2", f"{t}/bn2")
             stride = 2 if (li > 0 and bi == 0) else 1
             if in_width != width or stride != 1:
                 out += _conv_rule(f"{s}.downsample.0", f"{t}/downsample_conv")
-                out += _bn_rules(f"{s}.downsample.1", f"{t}/downsample_bn")
+                out += common.batch_norm(f"{s}.downsample.1", f"{t}/downsample_bn")
             in_width = width
     for arm in ("arm16", "arm32"):
         out += _cbr_rules(f"cp.{arm}.conv", f"cp/{arm}/conv")
         out += _conv_rule(f"cp.{arm}.conv_atten", f"cp/{arm}/conv_atten")
-        out += _bn_rules(f"cp.{arm}.bn_atten", f"cp/{arm}/bn_atten")
+        out += common.batch_norm(f"cp.{arm}.bn_atten", f"cp/{arm}/bn_atten")
     for name in ("conv_head32", "conv_head16", "conv_avg"):
         out += _cbr_rules(f"cp.{name}", f"cp/{name}")
     out += _cbr_rules("ffm.convblk", "ffm/convblk")
@@ -65,15 +59,8 @@ def rules(config: dict) -> list[common.Rule]:
 
 
 def state_dict(path: str) -> dict[str, np.ndarray]:
-    """The flat state dict: a bare one (as released), or under 'state_dict'; a DataParallel
-    `module.` prefix is stripped."""
-    tree = read_checkpoint(path)
-    if isinstance(tree, dict) and isinstance(tree.get("state_dict"), dict):
-        tree = tree["state_dict"]
-    if not isinstance(tree, dict):
-        raise WeightsError(f"{path}: expected a state dict (BiSeNet face-parsing checkpoint)")
-    state = flatten_state_dict(tree)
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    """The flat state dict: a bare one (as released), or under 'state_dict'."""
+    return common.state_dict(path, "BiSeNet face-parsing checkpoint")
 
 
 def _out_channels(state, key: str, path: str) -> int:

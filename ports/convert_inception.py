@@ -19,7 +19,6 @@ from ifadit_jax import weights
 from ifadit_jax.errors import WeightsError
 from ifadit_jax.nets import inception
 from ports import common
-from ports.reader import flatten_state_dict, read_checkpoint
 
 FID_CLASSES = 1008  # the TF graph's classifier; torchvision's ImageNet model has 1000
 
@@ -32,13 +31,7 @@ LEAVES = {("params", "conv/kernel"): ("conv.weight", common.conv),
 
 
 def state_dict(path: str) -> dict:
-    tree = read_checkpoint(path)
-    if isinstance(tree, dict) and isinstance(tree.get("state_dict"), dict):
-        tree = tree["state_dict"]
-    if not isinstance(tree, dict):
-        raise WeightsError(f"{path}: expected the FID Inception state dict, "
-                           f"got {type(tree).__name__}")
-    state = flatten_state_dict(tree)
+    state = common.state_dict(path, "FID Inception")
     if any(k.startswith("AuxLogits.") for k in state) or (
             "fc.weight" in state and state["fc.weight"].shape[0] != FID_CLASSES):
         raise WeightsError(f"{path}: this is torchvision's ImageNet InceptionV3, not the FID "

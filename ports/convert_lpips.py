@@ -23,20 +23,13 @@ from ifadit_jax import cli, weights
 from ifadit_jax.errors import InputError, WeightsError
 from ifadit_jax.nets import lpips as lp
 from ports import common
-from ports.reader import flatten_state_dict, read_checkpoint
 
 _SLICE_KEY = re.compile(r"^net\.slice\d+\.(\d+)\.(weight|bias)$")
 _LIN_KEY = re.compile(r"^lin(\d+)\.model\.1\.weight$")
 
 
 def _flat(path: str) -> dict[str, np.ndarray]:
-    tree = read_checkpoint(path)
-    if isinstance(tree, dict) and isinstance(tree.get("state_dict"), dict):
-        tree = tree["state_dict"]
-    if not isinstance(tree, dict):
-        raise WeightsError(f"{path}: expected a state dict")
-    state = flatten_state_dict(tree)
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return common.state_dict(path, "LPIPS trunk or lin layers")
 
 
 def trunk_state(path: str, net: str) -> dict[str, np.ndarray]:

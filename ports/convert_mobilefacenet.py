@@ -14,7 +14,6 @@ from ifadit_jax import weights
 from ifadit_jax.errors import WeightsError
 from ifadit_jax.nets import mobilefacenet as mfn
 from ports import common
-from ports.reader import flatten_state_dict, read_checkpoint
 
 # (official prefix, our path) of every block, in the official module order.
 _CONV_BLOCKS = ["conv1", "conv2_dw", "conv_6_sep"]
@@ -59,15 +58,8 @@ def rules() -> list[common.Rule]:
 
 
 def state_dict(path: str) -> dict[str, np.ndarray]:
-    """The model's flat state dict: `['state_dict']` of a training checkpoint, or a bare state
-    dict; a DataParallel `module.` prefix is stripped."""
-    tree = read_checkpoint(path)
-    if isinstance(tree, dict) and isinstance(tree.get("state_dict"), dict):
-        tree = tree["state_dict"]
-    if not isinstance(tree, dict):
-        raise WeightsError(f"{path}: expected a dict with a 'state_dict' (MobileFaceNet checkpoint)")
-    state = flatten_state_dict(tree)
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    """The model's flat state dict: `['state_dict']` of a training checkpoint, or a bare one."""
+    return common.state_dict(path, "MobileFaceNet checkpoint")
 
 
 def convert(args):

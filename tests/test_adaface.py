@@ -117,6 +117,6 @@ def test_wrong_checkpoint_is_one_error_line_and_no_output(out_dir):
 def test_incomplete_checkpoint_names_the_missing_tensor(monkeypatch):
     tree = read_checkpoint(fixture(CKPT))
     del tree["state_dict"]["model.body.7.res_layer.2.running_var"]
-    monkeypatch.setattr(convert_adaface, "read_checkpoint", lambda path: tree)
+    monkeypatch.setattr(convert_adaface.common, "read_checkpoint", lambda path: tree)
     with pytest.raises(WeightsError, match=r"missing body\.7\.res_layer\.2\.running_var"):
         convert_adaface.convert(argparse.Namespace(src=str(fixture(CKPT))))

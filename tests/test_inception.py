@@ -124,7 +124,7 @@ def test_torchvision_imagenet_inception_is_refused(monkeypatch):
     state = dict(read_checkpoint(fixture(CKPT)))
     state["fc.weight"] = np.zeros((1000, 512), np.float32)
     state["fc.bias"] = np.zeros((1000,), np.float32)
-    monkeypatch.setattr(convert_inception, "read_checkpoint", lambda path: state)
+    monkeypatch.setattr(convert_inception.common, "read_checkpoint", lambda path: state)
     with pytest.raises(WeightsError, match="torchvision's ImageNet InceptionV3"):
         convert_inception.convert(argparse.Namespace(src=str(fixture(CKPT))))
 
@@ -132,6 +132,6 @@ def test_torchvision_imagenet_inception_is_refused(monkeypatch):
 def test_incomplete_checkpoint_names_the_missing_tensor(monkeypatch):
     state = dict(read_checkpoint(fixture(CKPT)))
     del state["Mixed_7c.branch_pool.bn.running_var"]
-    monkeypatch.setattr(convert_inception, "read_checkpoint", lambda path: state)
+    monkeypatch.setattr(convert_inception.common, "read_checkpoint", lambda path: state)
     with pytest.raises(WeightsError, match=r"missing Mixed_7c\.branch_pool\.bn\.running_var"):
         convert_inception.convert(argparse.Namespace(src=str(fixture(CKPT))))

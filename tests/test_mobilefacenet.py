@@ -89,7 +89,7 @@ def test_rejects_wrong_input_shape(net):
 
 
 def test_module_prefix_is_stripped(monkeypatch):
-    real = convert_mobilefacenet.read_checkpoint
+    real = convert_mobilefacenet.common.read_checkpoint
 
     def prefixed(path):
         sd = real(path)["state_dict"]
@@ -97,7 +97,7 @@ def test_module_prefix_is_stripped(monkeypatch):
 
     args = argparse.Namespace(src=str(fixture(CKPT)))
     plain, _ = convert_mobilefacenet.convert(args)
-    monkeypatch.setattr(convert_mobilefacenet, "read_checkpoint", prefixed)
+    monkeypatch.setattr(convert_mobilefacenet.common, "read_checkpoint", prefixed)
     stripped, _ = convert_mobilefacenet.convert(args)
     a, b = weights.flatten(plain), weights.flatten(stripped)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
