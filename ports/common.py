@@ -104,6 +104,21 @@ def meta_for(src: str, kind: str, config: dict, **extra) -> weights.Meta:
                         extra=extra)
 
 
+def convert_and_save(args: argparse.Namespace,
+                     convert: Callable[[argparse.Namespace], tuple[dict, weights.Meta]]) -> int:
+    """Checks `args.out` before the work, converts `args.src`, writes atomically, reports."""
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"output directory does not exist: {out_dir}")
+    if os.path.abspath(args.out) == os.path.abspath(args.src):
+        raise InputError("output would overwrite the input checkpoint")
+    variables, meta = convert(args)
+    weights.save(args.out, variables, meta)
+    n = sum(int(np.prod(np.shape(v))) for v in weights.flatten(variables).values())
+    print(f"wrote {args.out}: {meta.kind}, {n:,} values, config {meta.config}")
+    return 0
+
+
 def converter_main(description: str,
                    convert: Callable[[argparse.Namespace], tuple[dict, weights.Meta]],
                    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
@@ -116,15 +131,6 @@ def converter_main(description: str,
     parser.add_argument("out", help="output .safetensors file")
 
     def main(args_list):
-        args = parser.parse_args(args_list)
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(out_dir):
-            raise InputError(f"output directory does not exist: {out_dir}")
-        if os.path.abspath(args.out) == os.path.abspath(args.src):
-            raise InputError("output would overwrite the input checkpoint")
-        variables, meta = convert(args)
-        weights.save(args.out, variables, meta)
-        n = sum(int(np.prod(np.shape(v))) for v in weights.flatten(variables).values())
-        print(f"wrote {args.out}: {meta.kind}, {n:,} values, config {meta.config}")
+        return convert_and_save(parser.parse_args(args_list), convert)
 
     cli.run(main, argv)

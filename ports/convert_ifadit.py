@@ -17,13 +17,12 @@ FrEIA 0.2 (soft clamp 2*tanh(a)), a (dim,) index vector is GitHub master (2*tanh
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Callable
 
 import numpy as np
 
 from ifadit_jax import cli, flow, weights
-from ifadit_jax.errors import InputError, WeightsError
+from ifadit_jax.errors import WeightsError
 from ifadit_jax.nets import mappers
 from ports import common
 from ports.reader import flatten_state_dict, read_checkpoint
@@ -209,16 +208,7 @@ def _one_file(convert: Callable[[argparse.Namespace], tuple[dict, weights.Meta]]
         p.add_argument("out", help="output .safetensors file")
 
     def run(args) -> int:
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(out_dir):
-            raise InputError(f"output directory does not exist: {out_dir}")
-        if os.path.abspath(args.out) == os.path.abspath(args.src):
-            raise InputError("output would overwrite the input checkpoint")
-        variables, meta = convert(args)
-        weights.save(args.out, variables, meta)
-        n = sum(int(np.prod(np.shape(v))) for v in weights.flatten(variables).values())
-        print(f"wrote {args.out}: {meta.kind}, {n:,} values, config {meta.config}")
-        return 0
+        return common.convert_and_save(args, convert)
 
     return add_arguments, run
 
