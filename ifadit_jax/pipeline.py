@@ -274,6 +274,20 @@ SMALL_CONFIGS = {
                "head_widths": [32, 8, 8], "layer_blocks": [2, 2, 2, 2],
                "layer_widths": [8, 16, 32, 64], "n_classes": 19, "stem_width": 8},
 }
+# The official full widths (config-f generator, IR-SE50 at 64/128/256/512, BiSeNet on ResNet18),
+# for benchmarks with random weights.
+REAL_CONFIGS = {
+    **SMALL_CONFIGS,
+    "id_encoder": {**SMALL_CONFIGS["id_encoder"], "widths": [64, 128, 256, 512]},
+    "attr_encoder": {**SMALL_CONFIGS["attr_encoder"], "widths": [64, 128, 256, 512], "style_width": 512},
+    "mapper": {**SMALL_CONFIGS["mapper"], "features": [512, 512]},
+    "generator": {**SMALL_CONFIGS["generator"],
+                  "channels": [[4, 512], [8, 512], [16, 512], [32, 512], [64, 512], [128, 256], [256, 128]]},
+    "icl": {**SMALL_CONFIGS["icl"], "features": [1024, 2048, 1024, 512]},
+    "parser": {"context_width": 128, "fusion_attention_width": 64, "fusion_width": 256,
+               "head_widths": [256, 64, 64], "layer_blocks": [2, 2, 2, 2],
+               "layer_widths": [64, 128, 256, 512], "n_classes": 19, "stem_width": 64},
+}
 _INIT_INPUTS = {"id_encoder": (1, 112, 112, 3), "attr_encoder": (1, 256, 256, 3),
                 "mapper": (1, 14, 1024), "icl": (1, 512), "parser": (1, 512, 512, 3)}
 
@@ -300,8 +314,11 @@ def _random_like(shapes, seed: int) -> dict:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def random_pipeline(seed: int = 0, conventions: Conventions = OFFICIAL) -> Pipeline:
-    """All networks at the fixtures' small widths with random weights (see SMALL_CONFIGS)."""
+def random_pipeline(seed: int = 0, conventions: Conventions = OFFICIAL,
+                    configs: dict | None = None) -> Pipeline:
+    """All networks with random weights, at the fixtures' small widths (SMALL_CONFIGS) unless
+    `configs` says otherwise (e.g. REAL_CONFIGS)."""
+    configs = SMALL_CONFIGS if configs is None else configs
     from ifadit_jax.nets import arcface, bisenet, mappers, psp, stylegan2
 
     builders = {"id_encoder": arcface.module_from_config, "attr_encoder": psp.module_from_config,
@@ -316,10 +333,10 @@ def random_pipeline(seed: int = 0, conventions: Conventions = OFFICIAL) -> Pipel
             params = flow_lib.init_sif(rngs[role], cfg)
             variables, config = flow_lib.to_variables(params), cfg.to_dict()
         elif role == "generator":
-            config = SMALL_CONFIGS[role]
+            config = configs[role]
             variables = stylegan2.init_variables(stylegan2.Config.from_json(config), rngs[role])
         else:
-            config = SMALL_CONFIGS[role]
+            config = configs[role]
             module = builders[role](config)
             shapes = jax.eval_shape(module.init, rngs[role], jnp.zeros(_INIT_INPUTS[role]))
             variables = _random_like(shapes, seed + len(loaded))
