@@ -203,7 +203,7 @@ def anonymize_main(argv: Sequence[str]) -> int:
         raise InputError("--batch must be at least 1")
     jobs = plan(args.input, args.output, args.force)
     pipe = pipeline_lib.load(args.weights)
-    refine = not args.no_refine
+    refine = not args.no_refine  # recorded in the sidecar
     detector = None if args.aligned else _load_detector(args.weights, args.detector)
     kdf_fields = {}
     if args.kdf_salt:
@@ -217,31 +217,58 @@ def anonymize_main(argv: Sequence[str]) -> int:
         kdf_fields["iterations"] = args.kdf_iterations
     kdf = keys.KdfParams(**kdf_fields) if kdf_fields else None
     k, key_record = _key(pipe, args, kdf, args.key_vector)
-    failures = []
+    def prepare(job):
+        photo = imageio.read_rgb(job.src, min_size=MIN_PHOTO_SIDE)
+        if args.aligned:
+            if photo.shape[:2] != (CROP, CROP):
+                raise InputError(f"{job.src}: aligned input must be {CROP}x{CROP}, got "
+                                 f"{photo.shape[1]}x{photo.shape[0]} (drop --aligned to detect faces)")
+            return photo, None
+        found = detect_faces(detector, photo)
+        if not found:
+            raise NoFaceError(f"{job.src}: no face found")
+        return photo, found
+
+    def sidecar(job, photo, found):
+        return {"format": SIDECAR_FORMAT, "weights_id": pipe.weights_id,
+                "conventions": pipe.conventions.name, "key": key_record, "refine": refine,
+                "mode": "aligned" if found is None else "photo",
+                "source": os.path.basename(job.src), "size": list(photo.shape[:2]),
+                "faces": [dataclasses.asdict(f) for f in found or []]}
+
+    return _run_jobs(jobs, pipe.anonymize, k, args, prepare, sidecar)
+
+
+def _run_jobs(jobs: Sequence[Job], fn, k, args, prepare, sidecar) -> int:
+    """Runs `fn` (pipe.anonymize or pipe.recover) over the jobs. `prepare(job)` -> (image,
+    faces): faces None for an aligned 256x256 image (batched across files), else the faces to
+    warp out and paste back. A failing job writes nothing; the others go on."""
+    refine = not args.no_refine
+    failures: list[InputError] = []
+    pending: list[tuple[Job, np.ndarray]] = []
+
+    def flush():
+        if pending:
+            out, _ = _run_batches(fn, np.stack([img for _, img in pending]), k, args.batch, refine)
+            for (job, img), result in zip(pending, out):
+                _write(job, result, sidecar(job, img, None), args.force)
+            pending.clear()
+
     for job in _progress(jobs, len(jobs) > 1):
         try:
-            photo = imageio.read_rgb(job.src, min_size=MIN_PHOTO_SIDE)
-            if args.aligned:
-                if photo.shape[:2] != (CROP, CROP):
-                    raise InputError(f"{job.src}: aligned input must be {CROP}x{CROP}, got "
-                                     f"{photo.shape[1]}x{photo.shape[0]} (drop --aligned to detect faces)")
-                out, _ = pipe.anonymize(photo[None], k, refine=refine)
-                result, faces = np.asarray(out[0]), []
+            image, found = prepare(job)
+            if found is None:
+                pending.append((job, image))
+                if len(pending) == args.batch:
+                    flush()
             else:
-                faces = detect_faces(detector, photo)
-                if not faces:
-                    raise NoFaceError(f"{job.src}: no face found")
-                result = process_photo(pipe.anonymize, photo, faces, k, args.batch, refine)
-            sidecar = {"format": SIDECAR_FORMAT, "weights_id": pipe.weights_id,
-                       "conventions": pipe.conventions.name, "key": key_record, "refine": refine,
-                       "mode": "aligned" if args.aligned else "photo",
-                       "source": os.path.basename(job.src), "size": list(photo.shape[:2]),
-                       "faces": [dataclasses.asdict(f) for f in faces]}
-            _write(job, result, sidecar, args.force)
+                result = process_photo(fn, image, found, k, args.batch, refine)
+                _write(job, result, sidecar(job, image, found), args.force)
         except InputError as e:
             if len(jobs) == 1:
                 raise
             failures.append(e)
+    flush()
     return _report(failures, len(jobs))
 
 
@@ -264,7 +291,6 @@ def recover_main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     jobs = plan(args.input, args.output, args.force)
     pipe = pipeline_lib.load(args.weights)
-    refine = not args.no_refine
     sidecars = {}
     for job in jobs:
         path = sidecar_path(job.src)
@@ -291,25 +317,18 @@ def recover_main(argv: Sequence[str]) -> int:
             warnings.warn(f"{s.get('source')}: anonymized with weights {s['weights_id']}, recovering "
                           f"with {pipe.weights_id}", stacklevel=1)
             break
-    failures = []
-    for job in _progress(jobs, len(jobs) > 1):
-        try:
-            s = sidecars[job.src]
-            image = imageio.read_rgb(job.src)
-            if s["mode"] == "aligned":
-                if image.shape[:2] != (CROP, CROP):
-                    raise InputError(f"{job.src}: expected {CROP}x{CROP} as recorded, got "
-                                     f"{image.shape[1]}x{image.shape[0]}")
-                out, _ = pipe.recover(image[None], k, refine=refine)
-                result = np.asarray(out[0])
-            else:
-                faces = [Face(**f) for f in s["faces"]]
-                result = process_photo(pipe.recover, image, faces, k, args.batch, refine)
-            sidecar = {"format": "ifadit-jax-recovered/1", "weights_id": pipe.weights_id,
-                       "recovered_from": os.path.basename(job.src), "mode": s["mode"]}
-            _write(job, result, sidecar, args.force)
-        except InputError as e:
-            if len(jobs) == 1:
-                raise
-            failures.append(e)
-    return _report(failures, len(jobs))
+    def prepare(job):
+        s = sidecars[job.src]
+        image = imageio.read_rgb(job.src)
+        if s["mode"] == "aligned":
+            if image.shape[:2] != (CROP, CROP):
+                raise InputError(f"{job.src}: expected {CROP}x{CROP} as recorded, got "
+                                 f"{image.shape[1]}x{image.shape[0]}")
+            return image, None
+        return image, [Face(**f) for f in s["faces"]]
+
+    def sidecar(job, image, found):
+        return {"format": "ifadit-jax-recovered/1", "weights_id": pipe.weights_id,
+                "recovered_from": os.path.basename(job.src), "mode": sidecars[job.src]["mode"]}
+
+    return _run_jobs(jobs, pipe.recover, k, args, prepare, sidecar)

@@ -224,6 +224,10 @@ def nets_from_loaded(loaded: dict[str, Any], conventions: Conventions) -> Nets:
     if flow.config.variant != conventions.flow_variant:
         raise WeightsError(f"the flow is the '{flow.config.variant}' variant but the "
                            f"'{conventions.name}' conventions use '{conventions.flow_variant}'")
+    attr_range = tuple(float(v) for v in loaded["attr_encoder"].config["input_range"])
+    if attr_range != conventions.attr_input_range:
+        raise WeightsError(f"the attribute encoder was trained on inputs in {list(attr_range)} but "
+                           f"the '{conventions.name}' conventions use {list(conventions.attr_input_range)}")
     return Nets(id_module=id_m, attr_module=at_m, mapper_module=mp_m, generator_module=g_m,
                 icl_module=icl_m, parser_module=p_m, conventions=conventions, id_vars=id_v,
                 attr_vars=at_v, mapper_vars=mp_v, generator_vars=g_v, flow=flow, icl_vars=icl_v,
@@ -337,6 +341,8 @@ def random_pipeline(seed: int = 0, conventions: Conventions = OFFICIAL,
             variables = stylegan2.init_variables(stylegan2.Config.from_json(config), rngs[role])
         else:
             config = configs[role]
+            if role == "attr_encoder":
+                config = {**config, "input_range": list(conventions.attr_input_range)}
             module = builders[role](config)
             shapes = jax.eval_shape(module.init, rngs[role], jnp.zeros(_INIT_INPUTS[role]))
             variables = _random_like(shapes, seed + len(loaded))

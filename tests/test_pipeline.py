@@ -169,3 +169,20 @@ def test_release_converter_bad_input(tmp_path):
     proc = run_cli("ports/convert_ifadit.py", "release", str(src), str(out), check=False)
     assert proc.returncode != 0 and proc.stderr.startswith("error: ")
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_conventions_are_checked_against_the_weights(tmp_path, weights_dir):
+    """The official release (AllInOne flow, E_Attr on [0, 1]) cannot be run under the paper's
+    conventions by mistake; the built-in model follows whichever conventions it is given."""
+    copy = tmp_path / "w"
+    copy.mkdir()
+    for f in weights_dir.iterdir():
+        if f.name != "manifest.json":
+            os.symlink(f, copy / f.name)
+    manifest = json.loads((weights_dir / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "conventions": "paper"}))
+    with pytest.raises(WeightsError, match="'allinone' variant but the 'paper' conventions"):
+        pipeline.load(copy)
+    paper = pipeline.random_pipeline(0, conventions=pipeline.PAPER)
+    assert paper.nets.flow.config.variant == "sacb"
+    assert tuple(paper.nets.attr_module.input_range) == (-1.0, 1.0)
