@@ -105,6 +105,16 @@ def attributes(nets: Nets, images):
     return nets.attr_module.apply(nets.attr_vars, images * 2.0 - 1.0)
 
 
+def attributes_train(nets: Nets, images, axis_name: str | None = None):
+    """E_Attr in training mode (BatchNorm on batch statistics, synchronized over the pmap axis
+    `axis_name` if given): images as `attributes` -> (codes [B, n_latent, w_dim], the updated
+    `batch_stats` collection)."""
+    module = nets.attr_module if axis_name is None else nets.attr_module.clone(bn_axis_name=axis_name)
+    codes, updated = module.apply(nets.attr_vars, images * 2.0 - 1.0, train=True,
+                                  mutable=["batch_stats"])
+    return codes, updated["batch_stats"]
+
+
 def render(nets: Nets, z, attr):
     """M and G: identity [B, 512] and attributes [B, n, w] -> (images in about [0, 1], W+)."""
     wplus = nets.mapper_module.apply(nets.mapper_vars, latent_mapper_input(z, attr))

@@ -41,10 +41,12 @@ SE_REDUCTION = 16
 STAGE_UNITS = {50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 152: (3, 8, 36, 3)}
 
 
-def batch_norm(train: bool, name: str, affine: bool = True) -> nn.BatchNorm:
-    """torch BatchNorm (eps 1e-5); running statistics unless `train`."""
+def batch_norm(train: bool, name: str, affine: bool = True,
+               axis_name: str | None = None) -> nn.BatchNorm:
+    """torch BatchNorm (eps 1e-5); running statistics unless `train`. `axis_name`: under pmap,
+    batch statistics are averaged over that axis (synchronized BatchNorm)."""
     return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-                        use_scale=affine, use_bias=affine, name=name)
+                        use_scale=affine, use_bias=affine, axis_name=axis_name, name=name)
 
 
 def conv(features: int, kernel: int, stride: int, name: str, bias: bool = False) -> nn.Conv:
@@ -69,19 +71,21 @@ class IRUnit(nn.Module):
     depth: int
     stride: int
     se: bool = True
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        bn = lambda name: batch_norm(train, name, axis_name=self.bn_axis_name)  # noqa: E731
         if x.shape[-1] == self.depth:
             shortcut = x[:, ::self.stride, ::self.stride]  # MaxPool2d(kernel 1, stride)
         else:
             shortcut = conv(self.depth, 1, self.stride, "shortcut_conv")(x)
-            shortcut = batch_norm(train, "shortcut_bn")(shortcut)
-        r = batch_norm(train, "bn1")(x)
+            shortcut = bn("shortcut_bn")(shortcut)
+        r = bn("bn1")(x)
         r = conv(self.depth, 3, 1, "conv1")(r)
         r = PReLU(name="prelu")(r)
         r = conv(self.depth, 3, self.stride, "conv2")(r)
-        r = batch_norm(train, "bn2")(r)
+        r = bn("bn2")(r)
         if self.se:  # official SEModule(depth, 16): channel gates from the global mean
             g = jnp.mean(r, axis=(1, 2), keepdims=True)
             g = nn.relu(conv(self.depth // SE_REDUCTION, 1, 1, "se_fc1")(g))
@@ -100,17 +104,19 @@ class IRBody(nn.Module):
     widths: Sequence[int]
     units: Sequence[int] = STAGE_UNITS[50]
     se: bool = True
+    bn_axis_name: str | None = None  # synchronized BatchNorm over this pmap axis in training
 
     @nn.compact
     def __call__(self, x, train: bool = False) -> list:
         """x: [B, H, W, in_channels] -> list of the outputs of all units, in order
         ([B, H/2, W/2, widths[0]] for unit 0, ..., [B, H/16, W/16, widths[3]] for the last)."""
         x = conv(self.widths[0], 3, 1, "input_conv")(x)
-        x = batch_norm(train, "input_bn")(x)
+        x = batch_norm(train, "input_bn", axis_name=self.bn_axis_name)(x)
         x = PReLU(name="input_prelu")(x)
         outputs = []
         for depth, n in zip(self.widths, self.units):
             for j in range(n):
-                x = IRUnit(depth, 2 if j == 0 else 1, self.se, name=f"unit_{len(outputs)}")(x, train)
+                x = IRUnit(depth, 2 if j == 0 else 1, self.se, self.bn_axis_name,
+                           name=f"unit_{len(outputs)}")(x, train)
                 outputs.append(x)
         return outputs

@@ -143,18 +143,21 @@ class GradualStyleEncoder(nn.Module):
     in_channels: int = 3
     se: bool = True
     input_range: Sequence[float] = SIGNED
+    bn_axis_name: str | None = None  # training under pmap: BatchNorm statistics over this axis
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [B, 256, 256, in_channels] in [-1, 1] -> codes [B, n_styles, w_dim] (no latent_avg).
 
-        `train=True` runs BatchNorm on batch statistics (apply with mutable=["batch_stats"]).
+        `train=True` runs BatchNorm on batch statistics (apply with mutable=["batch_stats"]),
+        averaged over the devices of `bn_axis_name` when it is set.
         """
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise InputError(f"pSp encoder expects [B, 256, 256, {self.in_channels}] images in [-1, 1], "
                              f"got {tuple(x.shape)}")
         x = to_encoder_range(x, self.input_range)
-        feats = irse.IRBody(self.widths, irse.STAGE_UNITS[50], self.se, name="body")(x, train)
+        feats = irse.IRBody(self.widths, irse.STAGE_UNITS[50], self.se, self.bn_axis_name,
+                            name="body")(x, train)
         c1, c2, c3 = (feats[i] for i in TAPS)
         top = self.widths[-1]
         p2 = bilinear_align_corners(c3, c2.shape[1:3]) + irse.conv(top, 1, 1, "latlayer1", bias=True)(c2)
