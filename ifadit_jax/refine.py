@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax.errors import InputError
-from ifadit_jax.nets import bisenet
+from ifadit_jax.nets import bisenet, resample
 
 # CelebAMask-HQ classes kept by iFADIT: 1 skin, 2/3 brows, 4/5 eyes, 6 glasses, 10 nose, 11 mouth,
 # 12/13 lips (not ears, earrings, neck, necklace, cloth, hair, hat or background).
@@ -81,7 +81,7 @@ def face_labels_from_lowres(logits_lowres: jax.Array, parser_hw: tuple[int, int]
     """
     rows = cv2_nearest_index(parser_hw[0], image_hw[0])
     cols = cv2_nearest_index(parser_hw[1], image_hw[1])
-    logits = bisenet.upsample_bilinear_align_corners(logits_lowres, parser_hw, rows, cols)
+    logits = resample.bilinear_align_corners(logits_lowres, parser_hw, rows, cols)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 

@@ -3,15 +3,15 @@ real converter CLI, plus the resampling pieces checked on their own."""
 
 import argparse
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from PIL import Image
 
 import ifadit_jax
 from ifadit_jax import weights
 from ifadit_jax.errors import InputError, WeightsError
-from ifadit_jax.nets import bisenet
+from ifadit_jax.nets import bisenet, resample
 from tests.helpers import convert, fixture, load_npz, nchw_to_nhwc, run_cli
 
 HEADS = ("feat_out", "feat_out16", "feat_out32")
@@ -97,14 +97,14 @@ def test_upsample_reproduces_official_from_official_lowres(io):
     rows, cols = io["grid_rows"], io["grid_cols"]
     y0, x0, s = io["crop_y0x0size"]
     for name in HEADS:
-        up = bisenet.upsample_bilinear_align_corners(nchw_to_nhwc(io[f"{name}_lowres"]), (512, 512))
+        up = resample.bilinear_align_corners(nchw_to_nhwc(io[f"{name}_lowres"]), (512, 512))
         up = np.transpose(np.asarray(up), (0, 3, 1, 2))
         # Values up to 11: 2e-6 is two float32 ulps there.
         np.testing.assert_allclose(up[:, :, rows][:, :, :, cols], io[f"{name}_grid"],
                                    rtol=0, atol=2e-6)
         np.testing.assert_allclose(up[:, :, y0:y0 + s, x0:x0 + s], io[f"{name}_crop"],
                                    rtol=0, atol=2e-6)
-        sub = bisenet.upsample_bilinear_align_corners(nchw_to_nhwc(io[f"{name}_lowres"]),
+        sub = resample.bilinear_align_corners(nchw_to_nhwc(io[f"{name}_lowres"]),
                                                       (512, 512), rows=rows, cols=cols)
         np.testing.assert_allclose(np.asarray(sub),
                                    np.transpose(up[:, :, rows][:, :, :, cols], (0, 2, 3, 1)),
@@ -114,7 +114,7 @@ def test_upsample_reproduces_official_from_official_lowres(io):
 def test_align_corners_taps_by_hand():
     # 3 -> 5 with align_corners=True: sources 0, 0.5, 1, 1.5, 2.
     x = jnp.asarray([0.0, 10.0, 30.0])[None, :, None, None] * jnp.ones((1, 3, 2, 1))
-    up = bisenet.upsample_bilinear_align_corners(x, (5, 2))
+    up = resample.bilinear_align_corners(x, (5, 2))
     np.testing.assert_allclose(np.asarray(up)[0, :, 0, 0], [0, 5, 10, 20, 30], atol=1e-6)
 
 

@@ -12,7 +12,7 @@ import pytest
 import ifadit_jax
 from ifadit_jax import weights
 from ifadit_jax.errors import InputError, WeightsError
-from ifadit_jax.nets import irse, psp
+from ifadit_jax.nets import irse, psp, resample
 from ports import convert_arcface, convert_psp
 from tests.helpers import convert, fixture, load_npz, nchw_to_nhwc, run_cli
 
@@ -106,13 +106,13 @@ def test_bilinear_align_corners_by_hand():
     # align_corners=True keeps the corner samples: 2 -> 3 gives [a, (a+b)/2, b]; 2x2 -> 3x3 has the
     # mean of the four at its centre; 2 -> 5 samples at 0, 1/4, 1/2, 3/4, 1.
     x = jnp.array([[1.0, 3.0], [5.0, 11.0]]).reshape(1, 2, 2, 1)
-    y = np.asarray(psp.bilinear_align_corners(x, (3, 3)))[0, :, :, 0]
+    y = np.asarray(resample.bilinear_align_corners(x, (3, 3)))[0, :, :, 0]
     np.testing.assert_allclose(y, [[1, 2, 3], [3, 5, 7], [5, 8, 11]], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(psp.align_corners_matrix(2, 5) @ np.array([0.0, 4.0]), [0, 1, 2, 3, 4],
-                               rtol=0, atol=1e-6)
-    m = psp.align_corners_matrix(16, 32)
-    np.testing.assert_allclose(m.sum(axis=1), 1.0, rtol=0, atol=1e-6)
-    assert m[0, 0] == 1.0 and m[-1, -1] == 1.0
+    line = jnp.array([0.0, 4.0]).reshape(1, 1, 2, 1)
+    np.testing.assert_allclose(np.asarray(resample.bilinear_align_corners(line, (1, 5))).ravel(),
+                               [0, 1, 2, 3, 4], rtol=0, atol=1e-6)
+    ones = resample.bilinear_align_corners(jnp.ones((1, 16, 16, 1)), (32, 32))
+    np.testing.assert_allclose(ones, 1.0, rtol=0, atol=1e-6)  # weights sum to one
 
 
 def test_init_from_irse50():

@@ -1,13 +1,13 @@
 """iFADIT refinement: soft face mask and blending (fixtures README sections 13 and 5)."""
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import ifadit_jax
 from ifadit_jax import refine
-from ifadit_jax.nets import bisenet
+from ifadit_jax.nets import bisenet, resample
 from tests.helpers import convert, fixture, load_npz, nchw_to_nhwc
 
 
@@ -122,7 +122,7 @@ def test_labels_from_official_parser_output(parser_io):
     at256 = np.asarray(refine.face_labels_from_lowres(lowres, (512, 512), (256, 256)))
     assert at256.shape == (1, 256, 256)
     np.testing.assert_array_equal(at256[clear[:, ::2, ::2]], parsing[:, ::2, ::2][clear[:, ::2, ::2]])
-    full = bisenet.upsample_bilinear_align_corners(lowres, (512, 512))
+    full = resample.bilinear_align_corners(lowres, (512, 512))
     via_full = np.asarray(refine.face_labels(full, (256, 256)))
     np.testing.assert_array_equal(via_full[clear[:, ::2, ::2]], at256[clear[:, ::2, ::2]])
     # The face mask selects exactly the listed classes of the official parsing.

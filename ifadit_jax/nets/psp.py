@@ -42,7 +42,7 @@ import numpy as np
 
 from ifadit_jax import weights
 from ifadit_jax.errors import InputError, WeightsError
-from ifadit_jax.nets import irse
+from ifadit_jax.nets import irse, resample
 
 TAPS = (6, 20, 23)  # body units feeding c1, c2, c3 (hard-coded in the official forward)
 COARSE, MIDDLE = 3, 7  # styles [0, 3) from c3, [3, 7) from p2, the rest from p1
@@ -65,33 +65,6 @@ def to_encoder_range(x: jax.Array, input_range: Sequence[float]) -> jax.Array:
     if (lo, hi) == SIGNED:
         return x
     return lo + (x + 1.0) * ((hi - lo) / 2.0)
-
-
-def align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] weights of torch's 1-D linear interpolation with align_corners=True.
-
-    Computed as torch's CPU kernel does in float32: source = float32((n_in-1)/(n_out-1)) * i,
-    i0 = floor(source), lambda = source - i0, taps i0 and min(i0 + 1, n_in - 1).
-    """
-    scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)
-    m = np.zeros((n_out, n_in), np.float32)
-    for i in range(n_out):
-        src = scale * np.float32(i)
-        i0 = min(int(np.floor(src)), n_in - 1)
-        lam = np.float32(min(max(src - np.float32(i0), np.float32(0)), np.float32(1)))
-        m[i, i0] += np.float32(1) - lam
-        m[i, min(i0 + 1, n_in - 1)] += lam
-    return m
-
-
-def bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """`F.interpolate(x, size, mode='bilinear', align_corners=True)` for NHWC x.
-
-    Width first, then height, as torch's kernel nests them; full float32 precision on any backend.
-    """
-    hi = jax.lax.Precision.HIGHEST
-    x = jnp.einsum("jw,bhwc->bhjc", align_corners_matrix(x.shape[2], size[1]), x, precision=hi)
-    return jnp.einsum("ih,bhwc->biwc", align_corners_matrix(x.shape[1], size[0]), x, precision=hi)
 
 
 class EqualLinear(nn.Module):
@@ -160,8 +133,8 @@ class GradualStyleEncoder(nn.Module):
                             name="body")(x, train)
         c1, c2, c3 = (feats[i] for i in TAPS)
         top = self.widths[-1]
-        p2 = bilinear_align_corners(c3, c2.shape[1:3]) + irse.conv(top, 1, 1, "latlayer1", bias=True)(c2)
-        p1 = bilinear_align_corners(p2, c1.shape[1:3]) + irse.conv(top, 1, 1, "latlayer2", bias=True)(c1)
+        p2 = resample.bilinear_align_corners(c3, c2.shape[1:3]) + irse.conv(top, 1, 1, "latlayer1", bias=True)(c2)
+        p1 = resample.bilinear_align_corners(p2, c1.shape[1:3]) + irse.conv(top, 1, 1, "latlayer2", bias=True)(c1)
         codes = []
         for i in range(self.n_styles):
             src = c3 if i < COARSE else p2 if i < MIDDLE else p1
