@@ -50,7 +50,7 @@ def rules(net: str) -> list[common.Rule]:
     for kind, name in _LAYERS[net]:
         dst = f"params/{net}/{name}"
         if kind == "prelu":
-            out.append((f"{name}.weight", f"{dst}/slope", common.same))
+            out.append((f"{name}.weight", f"{dst}/negative_slope", common.same))
         else:
             hook = common.conv if kind == "conv" else common.linear
             out.append((f"{name}.weight", f"{dst}/kernel", hook))

@@ -27,18 +27,12 @@ import jax
 import jax.numpy as jnp
 
 from ifadit_jax.errors import InputError
+from ifadit_jax.nets import irse
 
 INPUT_SIZE = 112
 BN_EPS = 1e-5  # torch BatchNorm default, used by every BN in the official model
 
 
-class PReLU(nn.Module):
-    """torch.nn.PReLU(C): one learned slope per channel (last axis) for negative inputs."""
-
-    @nn.compact
-    def __call__(self, x):
-        slope = self.param("negative_slope", nn.initializers.constant(0.25), (x.shape[-1],))
-        return jnp.where(x >= 0, x, slope * x)
 
 
 class ConvBN(nn.Module):
@@ -58,7 +52,7 @@ class ConvBN(nn.Module):
                     padding=((p, p), (p, p)), feature_group_count=self.groups, use_bias=False,
                     name="conv")(x)
         x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, name="bn")(x)
-        return PReLU(name="prelu")(x) if self.prelu else x
+        return irse.PReLU(name="prelu")(x) if self.prelu else x
 
 
 class DepthWise(nn.Module):

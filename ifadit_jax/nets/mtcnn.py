@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax.errors import InputError
+from ifadit_jax.nets import irse
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -65,13 +66,6 @@ _MAX_BATCH = 512
 # Networks
 
 
-class PReLU(nn.Module):
-    """max(0, x) + slope * min(0, x) with one slope per channel (last axis)."""
-
-    @nn.compact
-    def __call__(self, x):
-        slope = self.param("slope", nn.initializers.constant(0.25), (x.shape[-1],), jnp.float32)
-        return jnp.where(x > 0, x, slope * x)
 
 
 def _conv(features: int, k: int, name: str) -> nn.Conv:
@@ -113,7 +107,7 @@ class PNet(nn.Module):
         at the bottom/right; outputs inside the true output size are then exactly those of the
         unpadded input (the padding is masked out of the ceil-mode pool)."""
         c1, c2, c3 = self.widths
-        x = PReLU(name="prelu1")(_conv(c1, 3, "conv1")(x))
+        x = irse.PReLU(name="prelu1")(_conv(c1, 3, "conv1")(x))
         if valid_hw is not None:
             rows = jnp.arange(x.shape[1])[:, None] < valid_hw[0] - 2
             cols = jnp.arange(x.shape[2])[None, :] < valid_hw[1] - 2
@@ -122,8 +116,8 @@ class PNet(nn.Module):
         if valid_hw is not None:
             # Pool windows lying wholly in the padding are -inf; keep the padding region finite.
             x = jnp.where(jnp.isfinite(x), x, 0.0)
-        x = PReLU(name="prelu2")(_conv(c2, 3, "conv2")(x))
-        x = PReLU(name="prelu3")(_conv(c3, 3, "conv3")(x))
+        x = irse.PReLU(name="prelu2")(_conv(c2, 3, "conv2")(x))
+        x = irse.PReLU(name="prelu3")(_conv(c3, 3, "conv3")(x))
         prob = jax.nn.softmax(_conv(2, 1, "conv4_1")(x), axis=-1)
         reg = _conv(4, 1, "conv4_2")(x)
         return reg, prob
@@ -137,10 +131,10 @@ class RNet(nn.Module):
     @nn.compact
     def __call__(self, x):
         c1, c2, c3, d4 = self.widths
-        x = max_pool_ceil(PReLU(name="prelu1")(_conv(c1, 3, "conv1")(x)), 3, 2)
-        x = max_pool_ceil(PReLU(name="prelu2")(_conv(c2, 3, "conv2")(x)), 3, 2)
-        x = PReLU(name="prelu3")(_conv(c3, 2, "conv3")(x))
-        x = PReLU(name="prelu4")(_dense(d4, "dense4")(_flatten_whc(x)))
+        x = max_pool_ceil(irse.PReLU(name="prelu1")(_conv(c1, 3, "conv1")(x)), 3, 2)
+        x = max_pool_ceil(irse.PReLU(name="prelu2")(_conv(c2, 3, "conv2")(x)), 3, 2)
+        x = irse.PReLU(name="prelu3")(_conv(c3, 2, "conv3")(x))
+        x = irse.PReLU(name="prelu4")(_dense(d4, "dense4")(_flatten_whc(x)))
         prob = jax.nn.softmax(_dense(2, "dense5_1")(x), axis=-1)
         reg = _dense(4, "dense5_2")(x)
         return reg, prob
@@ -154,11 +148,11 @@ class ONet(nn.Module):
     @nn.compact
     def __call__(self, x):
         c1, c2, c3, c4, d5 = self.widths
-        x = max_pool_ceil(PReLU(name="prelu1")(_conv(c1, 3, "conv1")(x)), 3, 2)
-        x = max_pool_ceil(PReLU(name="prelu2")(_conv(c2, 3, "conv2")(x)), 3, 2)
-        x = max_pool_ceil(PReLU(name="prelu3")(_conv(c3, 3, "conv3")(x)), 2, 2)
-        x = PReLU(name="prelu4")(_conv(c4, 2, "conv4")(x))
-        x = PReLU(name="prelu5")(_dense(d5, "dense5")(_flatten_whc(x)))
+        x = max_pool_ceil(irse.PReLU(name="prelu1")(_conv(c1, 3, "conv1")(x)), 3, 2)
+        x = max_pool_ceil(irse.PReLU(name="prelu2")(_conv(c2, 3, "conv2")(x)), 3, 2)
+        x = max_pool_ceil(irse.PReLU(name="prelu3")(_conv(c3, 3, "conv3")(x)), 2, 2)
+        x = irse.PReLU(name="prelu4")(_conv(c4, 2, "conv4")(x))
+        x = irse.PReLU(name="prelu5")(_dense(d5, "dense5")(_flatten_whc(x)))
         prob = jax.nn.softmax(_dense(2, "dense6_1")(x), axis=-1)
         reg = _dense(4, "dense6_2")(x)
         landmarks = _dense(10, "dense6_3")(x)
