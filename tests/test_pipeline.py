@@ -152,6 +152,10 @@ def test_incomplete_weights_folder(tmp_path, weights_dir):
             os.symlink(f, partial / f.name)
     with pytest.raises(WeightsError, match="sif.safetensors"):
         pipeline.load(partial)
+    # A file of another network under the flow's name.
+    os.symlink(weights_dir / "icl.safetensors", partial / "sif.safetensors")
+    with pytest.raises(WeightsError, match="holds a 'icl' network, expected 'sif'"):
+        pipeline.load(partial)
     with pytest.raises(WeightsError, match="manifest.json"):
         pipeline.load(tmp_path)
 
