@@ -357,4 +357,25 @@ def random_pipeline(seed: int = 0, conventions: Conventions = OFFICIAL,
             shapes = jax.eval_shape(module.init, rngs[role], jnp.zeros(_INIT_INPUTS[role]))
             variables = _random_like(shapes, seed + len(loaded))
         loaded[role] = weights.loader(kind)(variables, weights.Meta(kind=kind, config=config))
-    return Pipeline(nets_from_loaded(loaded, conventions), weights_id=f"random-{seed}")
+    nets = nets_from_loaded(loaded, conventions)
+    # Two gains so that the key visibly matters: FrEIA's initialization leaves a random flow
+    # almost independent of the key (z moves ~1% between keys), and random E_Attr output layers
+    # emit W+ codes of magnitude ~70 that drown the unit-length identity in M's input.
+    nets = nets.replace(
+        flow=_scale_leaves(nets.flow, RANDOM_FLOW_GAIN, "kernel"),
+        attr_vars=_scale_leaves(nets.attr_vars, RANDOM_ATTR_GAIN, "weight", under="style_"))
+    return Pipeline(nets, weights_id=f"random-{seed}")
+
+
+RANDOM_FLOW_GAIN = 2.5
+RANDOM_ATTR_GAIN = 0.01
+
+
+def _scale_leaves(tree, gain: float, leaf_name: str, under: str | None = None):
+    """Multiplies the leaves called `leaf_name` (below a node whose name starts with `under`)."""
+    def scale(path, leaf):
+        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        hit = names[-1] == leaf_name and (under is None or any(n.startswith(under) for n in names))
+        return leaf * np.float32(gain) if hit else leaf
+
+    return jax.tree_util.tree_map_with_path(scale, tree)
