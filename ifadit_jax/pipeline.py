@@ -179,7 +179,7 @@ class Pipeline:
 
     pipe.anonymize(images, k, refine=True) -> (X_anon, intermediates)
     pipe.recover(images, k, refine=True) -> (X_rec, intermediates)
-    pipe.key_from_secret(secret_bytes, kdf) / pipe.key_from_vector(u) -> k [1, 512]
+    pipe.key_from_secret(secret_bytes, kdf) -> k [512]; pipe.key_from_vector(u [B, 512]) -> k [B, 512]
     `pipe.nets` is the pytree for your own jit: `ifadit_jax.pipeline.anonymize(pipe.nets, x, k)`.
     """
 

@@ -45,6 +45,11 @@ from ifadit_jax.errors import InputError, WeightsError
 from ifadit_jax.nets import irse, resample
 
 TAPS = (6, 20, 23)  # body units feeding c1, c2, c3 (hard-coded in the official forward)
+
+
+def tap_units(units: Sequence[int]) -> tuple[int, int, int]:
+    """The units feeding c1, c2, c3: the last units of stages 2, 3 and 4 (TAPS for IR-SE50)."""
+    return units[0] + units[1] - 1, units[0] + units[1] + units[2] - 1, sum(units) - 1
 COARSE, MIDDLE = 3, 7  # styles [0, 3) from c3, [3, 7) from p2, the rest from p1
 LEAKY_SLOPE = 0.01  # nn.LeakyReLU() default inside GradualStyleBlock (not StyleGAN's 0.2)
 SIGNED, UNIT = (-1.0, 1.0), (0.0, 1.0)
@@ -116,6 +121,7 @@ class GradualStyleEncoder(nn.Module):
     in_channels: int = 3
     se: bool = True
     input_range: Sequence[float] = SIGNED
+    units: Sequence[int] = irse.STAGE_UNITS[50]  # official: IR-SE50; fewer for tiny test nets
     bn_axis_name: str | None = None  # training under pmap: BatchNorm statistics over this axis
 
     @nn.compact
@@ -129,9 +135,9 @@ class GradualStyleEncoder(nn.Module):
             raise InputError(f"pSp encoder expects [B, 256, 256, {self.in_channels}] images in [-1, 1], "
                              f"got {tuple(x.shape)}")
         x = to_encoder_range(x, self.input_range)
-        feats = irse.IRBody(self.widths, irse.STAGE_UNITS[50], self.se, self.bn_axis_name,
+        feats = irse.IRBody(self.widths, tuple(self.units), self.se, self.bn_axis_name,
                             name="body")(x, train)
-        c1, c2, c3 = (feats[i] for i in TAPS)
+        c1, c2, c3 = (feats[i] for i in tap_units(self.units))
         top = self.widths[-1]
         p2 = resample.bilinear_align_corners(c3, c2.shape[1:3]) + irse.conv(top, 1, 1, "latlayer1", bias=True)(c2)
         p1 = resample.bilinear_align_corners(p2, c1.shape[1:3]) + irse.conv(top, 1, 1, "latlayer2", bias=True)(c1)
@@ -147,7 +153,8 @@ def module_from_config(config: dict) -> GradualStyleEncoder:
     return GradualStyleEncoder(widths=tuple(config["widths"]), style_width=int(config["style_width"]),
                                w_dim=int(config["w_dim"]), n_styles=int(config["n_styles"]),
                                in_channels=int(config["in_channels"]), se=bool(config["se"]),
-                               input_range=tuple(config["input_range"]))
+                               input_range=tuple(config["input_range"]),
+                               units=tuple(config.get("units", irse.STAGE_UNITS[50])))
 
 
 def init_from_irse50(psp_variables: dict, arcface_variables: dict,
