@@ -1,0 +1,482 @@
+"""Training: the smoke configs of both phases end to end, exact resume after SIGKILL, two (fake)
+devices against one, a falling loss, the non-finite stop, no recompilation, the CLI, configs and
+the TensorBoard event format.
+
+Cost control: every run uses the smoke configs (random tiny networks, batch 2 / 4); runs of one
+phase share one compiled step through the persistent compilation cache (same shapes, and the
+learning rate is optimizer state, not a constant), also in the subprocesses, which get the same
+cache and matmul precision as this process.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from ifadit_jax import pipeline, train
+from ifadit_jax.errors import InputError, WeightsError
+from ifadit_jax.training import checkpoints, networks, objective, writers
+from tests.helpers import ROOT, run_cli
+
+
+def load_config(phase: int, arg: str = "smoke"):
+    spec = importlib.util.spec_from_file_location(f"cfg{phase}", ROOT / "configs" / f"phase{phase}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def smoke(phase: int, data, arg: str = "smoke", **fields):
+    c = load_config(phase, arg)
+    c.data.path = str(data)
+    c.keep_checkpoints = 3
+    for k, v in fields.items():
+        c[k] = v
+    return c
+
+
+def write_faces(folder, shifts):
+    from skimage import data as skdata
+
+    folder.mkdir()
+    face = skdata.astronaut()[:300, 100:400]
+    for i, s in enumerate(shifts):
+        Image.fromarray(np.roll(face, s, axis=1)).resize((64, 64), Image.BILINEAR).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    return write_faces(tmp_path_factory.mktemp("data") / "faces", (0, 25, 50, 75))
+
+
+@pytest.fixture(scope="module")
+def run1(tmp_path_factory, faces):
+    """Phase I smoke run: 3 steps, a checkpoint every step (all kept)."""
+    workdir = tmp_path_factory.mktemp("p1") / "run"
+    last = train.train_and_evaluate(smoke(1, faces), str(workdir))
+    return workdir, last
+
+
+@pytest.fixture(scope="module")
+def run2(tmp_path_factory, faces, run1):
+    """Phase II smoke run from run1's workdir: 2 steps, exporting a weights folder."""
+    workdir = tmp_path_factory.mktemp("p2") / "run"
+    cfg = smoke(2, faces, init_from=str(run1[0]), total_steps=2, export_weights=True)
+    last = train.train_and_evaluate(cfg, str(workdir))
+    return workdir, last
+
+
+def subprocess_env(**extra):
+    """The same compilation cache and matmul precision as this test process."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+               JAX_DEFAULT_MATMUL_PRECISION=str(jax.config.jax_default_matmul_precision))
+    env.update(extra)
+    return env
+
+
+def jsonl(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def raw_state(workdir, step):
+    import orbax.checkpoint as ocp
+
+    m = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                              options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        return m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    finally:
+        m.close()
+
+
+def find(tree, key):
+    """The first subtree stored under `key` (e.g. Adam's "mu") in a restored raw state."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        for v in tree:
+            found = find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def leaves(tree):
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def assert_trees_equal(a, b):
+    la, lb = leaves(a), leaves(b)
+    assert la.keys() == lb.keys()
+    for k in la:
+        assert np.array_equal(la[k], lb[k]), k
+
+
+def steps(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+# ----------------------------------------------------------------------------- configs
+
+def test_configs_follow_the_paper_and_phase2_builds_on_phase1():
+    p1, p2 = load_config(1, None), load_config(2, None)
+    for c in (p1, p2):
+        assert (c.lr, c.b1, c.b2, c.data.batch_size) == (4e-4, 0.0, 0.999, 4)
+    assert p1.phase == 1 and p1.trainable == ("attr_encoder", "mapper")
+    assert p1.losses.to_dict() == dict(p1=1.0, anon=0.0, div=0.0, deanon=0.0, img=0.0)
+    assert p2.phase == 2 and p2.trainable == ("flow", "icl") and p2.refine
+    assert p2.losses.to_dict() == dict(p1=0.0, anon=1.0, div=1.0, deanon=1.0, img=1.0)
+    for key in ("data", "nets", "loss_nets"):  # shared with phase I
+        assert p2[key].to_dict() == p1[key].to_dict()
+    assert load_config(2, "no_div").losses.div == 0.0
+    assert load_config(2, "no_img").losses.img == 0.0
+    no_icl = load_config(2, "no_icl")
+    assert not no_icl.use_icl and no_icl.trainable == ("flow",)
+    single = load_config(2, "single_phase")
+    assert single.trainable == ("attr_encoder", "mapper", "flow", "icl") and single.losses.p1 == 1.0
+    s = load_config(2, "smoke,no_div")
+    assert s.losses.div == 0.0 and s.nets.source == "random" and s.loss_nets.source == "random"
+    assert s.total_steps == 3 and s.data.batch_size == 4 and load_config(1).data.batch_size == 2
+    with pytest.raises(ValueError, match="bogus"):
+        load_config(2, "smoke,bogus")
+
+
+def test_ablation_objectives(faces):
+    """Every ablation traces to the objective it names: the terms it computes and the roles it
+    differentiates (shapes only, nothing is compiled)."""
+    def trace(arg):
+        cfg = smoke(2, faces, arg)
+        built = networks.build(cfg)
+        roles = networks.check_trainable(cfg.trainable)
+        obj = objective.Objective(objective.LossWeights.from_config(cfg.losses), refine=cfg.refine,
+                                  train_attr_bn="attr_encoder" in roles)
+        params = networks.trainable_params(built.nets, roles)
+        frozen = networks.frozen_nets(built.nets, roles)
+        stats = networks.batch_stats(built.nets, roles)
+
+        def loss(p, x):
+            nets = networks.merge(frozen, p, stats)
+            return objective.compute(obj, nets, built.loss_nets, x, jax.random.key(0), 0)[:2]
+
+        fn = jax.vmap(jax.grad(loss, has_aux=True), in_axes=(None, 0), axis_name="batch")
+        grads, terms = jax.eval_shape(fn, params, jax.ShapeDtypeStruct((1, 4, 256, 256, 3), np.float32))
+        return built.nets, set(grads), set(terms)
+
+    nets, roles, terms = trace("smoke,single_phase")
+    assert roles == {"attr_encoder", "mapper", "flow", "icl"}
+    assert {"p1", "p1/vq", "p1/sem", "anon", "div", "deanon", "img", "p2", "loss"} <= terms
+    nets, roles, terms = trace("smoke,no_icl,no_div,no_img")
+    assert nets.icl_module is None and roles == {"flow"}
+    assert {"anon", "deanon"} <= terms and not {"div", "img", "p1"} & terms
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_phase1_smoke_run(run1):
+    workdir, last = run1
+    rows = jsonl(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3] and last["step"] == 3
+    for r in rows:
+        for key in ("loss", "p1", "p1/vq", "p1/sem", "grad_norm", "grad_norm/attr_encoder",
+                    "grad_norm/mapper", "param_norm", "update_norm", "steps_per_sec"):
+            assert np.isfinite(r[key]), key
+        assert r["loss"] == pytest.approx(0.01 * r["p1/vq"] + r["p1/sem"], rel=1e-6)
+    assert steps(workdir) == [1, 2, 3]
+    assert json.load(open(workdir / "config.json"))["phase"] == 1
+    grid = np.asarray(Image.open(workdir / "samples" / "step_00000003.png"))
+    assert grid.shape == (2 * 256, 2 * 256, 3)  # rows: the 2 examples; columns: X, X~
+    # The first column is X itself: the training images (64 px PNGs resized to 256).
+    assert grid[:256, :256].std() > 10
+    # TensorBoard: the same scalars and the grid, read back with protobuf (see below).
+    events = read_events(workdir / "tensorboard")
+    assert events[0].file_version == "brain.Event:2"
+    loss = {e.step: v.simple_value for e in events for v in e.summary.value if v.tag == "loss"}
+    assert loss == pytest.approx({r["step"]: r["loss"] for r in rows}, rel=1e-6)
+    images = [v.image for e in events for v in e.summary.value if v.HasField("image")]
+    assert len(images) == 1 and (images[0].height, images[0].width) == (512, 512)
+    assert images[0].encoded_image_string == open(workdir / "samples" / "step_00000003.png", "rb").read()
+
+
+def test_phase2_smoke_run_from_phase1(run1, run2):
+    workdir, last = run2
+    rows = jsonl(workdir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("anon", "div", "div/pairs", "div/keys", "deanon", "img", "img/rec", "img/anon",
+                "img/wrong", "img/rec/lpips", "img/wrong/parser", "grad_norm/flow", "grad_norm/icl"):
+        assert np.isfinite(rows[-1][key]), key
+    r = rows[-1]
+    assert r["loss"] == pytest.approx(r["anon"] + r["div"] + r["deanon"] + r["img"], rel=1e-5)
+    assert r["div"] == pytest.approx(r["div/pairs"] + r["div/keys"], rel=1e-6)
+    # The exported folder loads as a pipeline; E_Attr and M are phase I's final weights (phase
+    # II started from them and kept them frozen), T and C were trained.
+    pipe = pipeline.load(workdir / "weights")
+    _, p1_params, p1_stats = checkpoints.read_trained(run1[0])
+    assert_trees_equal(pipe.nets.attr_vars["params"], p1_params["attr_encoder"])
+    assert_trees_equal(pipe.nets.attr_vars["batch_stats"], p1_stats["attr_encoder"])
+    assert_trees_equal(pipe.nets.mapper_vars["params"], p1_params["mapper"])
+    _, p2_params, _ = checkpoints.read_trained(workdir)
+    assert set(p2_params) == {"flow", "icl"}
+    assert_trees_equal(pipe.nets.icl_vars["params"], p2_params["icl"])
+    fresh = networks.build(smoke(2, "unused")).nets
+    assert not np.array_equal(pipe.nets.flow.blocks[0]["w"]["fc0"]["kernel"],
+                              fresh.flow.blocks[0]["w"]["fc0"]["kernel"])
+    grid = np.asarray(Image.open(workdir / "samples" / "step_00000002.png"))
+    assert grid.shape == (4 * 256, 5 * 256, 3)  # X, X_anon, X_anon (2nd key), X_rec, X_wrong
+
+
+def test_loss_falls_on_a_tiny_overfit_set(tmp_path):
+    two = write_faces(tmp_path / "two", (0, 40))
+    train.train_and_evaluate(smoke(1, two, total_steps=8, checkpoint_every=8, sample_every=0),
+                             str(tmp_path / "run"))
+    loss = [r["loss"] for r in jsonl(tmp_path / "run")]
+    assert len(loss) == 8 and max(loss[-2:]) < 0.7 * loss[0], loss
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, faces, run1):
+    """A NaN learning rate makes step 4's update NaN: the run stops naming step 4 and writes no
+    checkpoint of it, so step 3 stays the latest."""
+    workdir = tmp_path / "run"
+    shutil.copytree(run1[0], workdir)
+    cfg = smoke(1, faces, total_steps=5, lr=float("nan"))
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 4; .*last good checkpoint is step 3"):
+        train.train_and_evaluate(cfg, str(workdir))
+    assert steps(workdir) == [1, 2, 3]
+    _, params, _ = checkpoints.read_trained(workdir)
+    _, want, _ = checkpoints.read_trained(run1[0])
+    assert_trees_equal(params, want)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, faces, run1):
+    """A run killed (SIGKILL) after its first checkpoint and restarted in the same workdir ends
+    with exactly the state of the uninterrupted run1."""
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ifadit_jax.train", "--phase", "1", "--config",
+           "configs/phase1.py:smoke", "--workdir", str(workdir), "--config.data.path", str(faces),
+           "--config.keep_checkpoints", "3"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    first = workdir / "checkpoints" / "1"  # orbax renames a finished checkpoint into place
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    out = proc.communicate()[0].decode()
+    assert proc.returncode == -signal.SIGKILL, out
+    assert first.exists() and not (workdir / "checkpoints" / "3").exists(), out
+    resumed = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout and "step 3/3" in resumed.stdout
+    got, want = raw_state(workdir, 3), raw_state(run1[0], 3)
+    for key in ("params", "batch_stats", "opt_state", "step", "rng"):
+        assert_trees_equal(got[key], want[key])
+
+
+TWO_DEVICES = r"""
+import sys
+import jax
+from ifadit_jax import train
+from ifadit_jax.errors import InputError
+from tests.test_train import smoke
+faces, p1_workdir, out = sys.argv[1:4]
+assert jax.local_device_count() == 2
+for phase, kw, msg in ((1, dict(total_steps=1), "does not split evenly"),
+                       (2, dict(init_from=p1_workdir), "must be even")):
+    cfg = smoke(phase, faces, **kw)
+    cfg.data.batch_size = 3 if phase == 1 else 2
+    try:
+        train.train_and_evaluate(cfg, out + f"/bad{phase}")
+        raise SystemExit(f"phase {phase}: no error")
+    except InputError as e:
+        assert msg in str(e), e
+        print(e)
+train.train_and_evaluate(smoke(1, faces, total_steps=1), out + "/p1")
+train.train_and_evaluate(smoke(2, faces, init_from=p1_workdir, total_steps=1), out + "/p2")
+"""
+
+
+def test_two_devices_match_one_device(tmp_path, faces, run1, run2):
+    """Step 1 of both smoke runs on 2 fake CPU devices against run1 / run2 on one device, same
+    global batch: the loss terms and, from Adam's first moment (b1 = 0: mu = the averaged
+    gradient after step 1), the gradients; phase I also E_Attr's synchronized BatchNorm
+    statistics.
+
+    Phase I agrees to 1e-5 (measured about 1e-6). Phase II cannot, in float32, with random
+    networks: the batch layout changes XLA's rounding by ~1e-7, and the phase II objective of
+    random networks amplifies that (refinement masks are argmaxes of random parser logits; a
+    1e-7 relative change of the input images alone moves its gradients by ~5e-4). Measured
+    between the layouts: loss terms up to 3e-4 relative, gradients up to 2.5e-2 of their
+    largest entry. The tolerances (1e-3, 5e-2) stay far below what a data-parallel bug gives:
+    without the pmean (gradients of half the batch) the gradients differ by 95% and the loss
+    terms by 10-25%; psum instead of pmean doubles them; keys or L_Div pairs that depended on
+    the layout would change X_anon itself."""
+    proc = run_cli("-c", TWO_DEVICES, str(faces), str(run1[0]), str(tmp_path), check=False,
+                   env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "does not split evenly over 1 process(es) x 2 local device(s)" in proc.stdout
+    for one, two, loss_rtol, grad_tol in ((run1[0], tmp_path / "p1", 1e-5, 1e-5),
+                                          (run2[0], tmp_path / "p2", 1e-3, 5e-2)):
+        r1, r2 = jsonl(one)[0], jsonl(two)[0]
+        assert r1["step"] == r2["step"] == 1
+        for key in r1:
+            if key.startswith(("loss", "p1", "p2", "anon", "div", "deanon", "img")):
+                assert r2[key] == pytest.approx(r1[key], rel=loss_rtol, abs=1e-6), key
+        s1, s2 = raw_state(one, 1), raw_state(two, 1)
+        g1, g2 = leaves(find(s1["opt_state"], "mu")), leaves(find(s2["opt_state"], "mu"))
+        assert g1.keys() == g2.keys()
+        for role in ("attr_encoder", "mapper", "flow", "icl"):
+            keys = [k for k in g1 if k.startswith(f"['{role}']")]
+            if not keys:
+                continue
+            scale = max(np.max(np.abs(g1[k])) for k in keys)
+            err = max(np.max(np.abs(g1[k] - g2[k])) for k in keys)
+            assert err <= grad_tol * scale, (role, err / scale)
+        stats1, stats2 = leaves(s1["batch_stats"]), leaves(s2["batch_stats"])
+        for k in stats1:
+            np.testing.assert_allclose(stats2[k], stats1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_no_recompilation_after_the_first_step(tmp_path, faces):
+    run = train.setup(smoke(1, faces), str(tmp_path / "run"))
+    for _ in range(3):  # the donated state comes back with the same shapes and types
+        run.state, metrics, _ = run.p_step(run.state, run.frozen, run.loss_nets, run.batch())
+    assert np.isfinite(np.asarray(metrics["loss"])).all()
+    odd = jax.tree.map(lambda a: a[:, :1], run.batch())  # a different per-device batch size
+    with pytest.raises(AssertionError, match="traced > 1 times"):
+        run.p_step(run.state, run.frozen, run.loss_nets, odd)
+    run.ckpts.close()
+
+
+# ----------------------------------------------------------------------------- CLI and inputs
+
+def test_cli_errors_are_one_line(tmp_path, faces):
+    data = ["--config.data.path", str(faces)]
+    cases = [(["--phase", "2", "--config", "configs/phase1.py:smoke", *data],
+              "error: --phase 2 but the config is for phase 1"),
+             (["--phase", "1", "--config", "configs/phase1.py:smoke", "--config.no_such_field", "1"],
+              "error: unknown config field 'no_such_field'"),
+             (["--phase", "2", "--config", "configs/phase2.py:smoke,bogus"],
+              "error: flag --config=configs/phase2.py:smoke,bogus: Error whilst parsing config "
+              "file: ValueError: unknown config argument(s) ['bogus']"),
+             (["--phase", "1", "--config", "configs/phase1.py:smoke", *data,
+               "--config.nets.widths", "huge"], "error: nets.widths must be one of")]
+    for args, message in cases:
+        proc = run_cli("-m", "ifadit_jax.train", "--workdir", str(tmp_path / "w"), *args, check=False)
+        assert proc.returncode == InputError.exit_code, proc.stderr
+        assert proc.stderr.startswith(message) and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_networks_from_a_weights_folder(tmp_path, run2):
+    """nets.source 'files' reads a folder of converted files; a missing frozen network is an
+    error naming it; missing trainable ones start fresh."""
+    cfg = smoke(1, "unused")
+    cfg.nets.source, cfg.nets.dir = "files", str(run2[0] / "weights")
+    built = networks.build(cfg)
+    want = pipeline.load(run2[0] / "weights").nets
+    assert_trees_equal(built.nets.generator_vars, want.generator_vars)
+    assert built.roles["attr_encoder"][1]["units"] == [1, 1, 1, 1]
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("arcface.safetensors", "bisenet.safetensors", "icl.safetensors"):
+        shutil.copy(run2[0] / "weights" / name, partial / name)
+    cfg.nets.dir = str(partial)
+    with pytest.raises(WeightsError, match=r"missing stylegan2.safetensors \(stylegan2\)"):
+        networks.build(cfg)
+    conventions = pipeline.PAPER
+    rngs = jax.random.split(jax.random.key(0), 2)
+    flow = networks._fresh("flow", conventions, rngs[0], {})
+    assert flow.params.config.variant == "sacb"
+    mapper = networks._fresh("mapper", conventions, rngs[1], {})
+    assert mapper.module.features == (512, 512) and mapper.in_features == 1024
+
+
+# ----------------------------------------------------------------------------- event files
+
+def event_class():
+    """tensorflow.Event / Summary as protobuf classes built here from the field numbers of
+    TensorFlow's event.proto and summary.proto, to read the writer's output independently."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(name="tb_event_test.proto", package="tbtest")
+
+    def add(msg, name, number, type_, type_name=None, repeated=False):
+        f = msg.field.add(name=name, number=number, type=type_,
+                          label=F.LABEL_REPEATED if repeated else F.LABEL_OPTIONAL)
+        if type_name:
+            f.type_name = type_name
+
+    summary = fdp.message_type.add(name="Summary")
+    image = summary.nested_type.add(name="Image")
+    add(image, "height", 1, F.TYPE_INT32)
+    add(image, "width", 2, F.TYPE_INT32)
+    add(image, "colorspace", 3, F.TYPE_INT32)
+    add(image, "encoded_image_string", 4, F.TYPE_BYTES)
+    value = summary.nested_type.add(name="Value")
+    add(value, "tag", 1, F.TYPE_STRING)
+    add(value, "simple_value", 2, F.TYPE_FLOAT)
+    add(value, "image", 4, F.TYPE_MESSAGE, ".tbtest.Summary.Image")
+    add(summary, "value", 1, F.TYPE_MESSAGE, ".tbtest.Summary.Value", repeated=True)
+    event = fdp.message_type.add(name="Event")
+    add(event, "wall_time", 1, F.TYPE_DOUBLE)
+    add(event, "step", 2, F.TYPE_INT64)
+    add(event, "file_version", 3, F.TYPE_STRING)
+    add(event, "summary", 5, F.TYPE_MESSAGE, ".tbtest.Summary")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tbtest.Event"))
+
+
+def read_events(logdir):
+    (name,) = os.listdir(logdir)
+    data = open(os.path.join(logdir, name), "rb").read()
+    assert name.startswith("events.out.tfevents.")
+    Event, out, pos = event_class(), [], 0
+    while pos < len(data):
+        header = data[pos:pos + 8]
+        (n,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == writers.masked_crc32c(header)
+        payload = data[pos + 12:pos + 12 + n]
+        assert struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == writers.masked_crc32c(payload)
+        out.append(Event.FromString(payload))
+        pos += 16 + n
+    return out
+
+
+def test_crc32c_known_values():
+    # RFC 3720 appendix B.4 test vectors, and the check value of CRC-32C.
+    assert writers.crc32c(bytes(32)) == 0x8A9136AA
+    assert writers.crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert writers.crc32c(bytes(range(32))) == 0x46DD794E
+    assert writers.crc32c(b"123456789") == 0xE3069283
+
+
+def test_event_writer_round_trip(tmp_path):
+    w = writers.EventWriter(str(tmp_path))
+    w.scalars(7, {"loss": 1.5, "grad_norm": -2.25})
+    w.scalars(2**40, {"x": 3.0})
+    w.image(8, "grid", b"\x89PNG fake", 3, 4)
+    w.close()
+    events = read_events(tmp_path)
+    assert [e.step for e in events] == [0, 7, 2**40, 8]
+    assert {v.tag: v.simple_value for v in events[1].summary.value} == {"loss": 1.5, "grad_norm": -2.25}
+    img = events[3].summary.value[0].image
+    assert (img.height, img.width, img.colorspace, img.encoded_image_string) == (3, 4, 3, b"\x89PNG fake")
+    assert abs(events[1].wall_time - time.time()) < 60
