@@ -21,7 +21,6 @@ the last good state.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import chex
