@@ -157,8 +157,10 @@ def test_configs_follow_the_paper_and_phase2_builds_on_phase1():
 
 
 def test_ablation_objectives(faces):
-    """Every ablation traces to the objective it names: the terms it computes and the roles it
-    differentiates (shapes only, nothing is compiled)."""
+    """The ablations trace to the objective they name: without ICL, L_Div and L_Img, recovery
+    reads E_ID(X_anon) directly, only T is differentiated and the dropped terms are not computed
+    (shapes only, nothing is compiled). (The single-phase ablation is phase I's and phase II's
+    objectives together, each run end to end below.)"""
     def trace(arg):
         cfg = smoke(2, faces, arg)
         built = networks.build(cfg)
@@ -177,9 +179,6 @@ def test_ablation_objectives(faces):
         grads, terms = jax.eval_shape(fn, params, jax.ShapeDtypeStruct((1, 4, 256, 256, 3), np.float32))
         return built.nets, set(grads), set(terms)
 
-    nets, roles, terms = trace("smoke,single_phase")
-    assert roles == {"attr_encoder", "mapper", "flow", "icl"}
-    assert {"p1", "p1/vq", "p1/sem", "anon", "div", "deanon", "img", "p2", "loss"} <= terms
     nets, roles, terms = trace("smoke,no_icl,no_div,no_img")
     assert nets.icl_module is None and roles == {"flow"}
     assert {"anon", "deanon"} <= terms and not {"div", "img", "p1"} & terms
@@ -383,27 +382,32 @@ def test_cli_errors_are_one_line(tmp_path, faces):
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
-def test_networks_from_a_weights_folder(tmp_path, run2):
-    """nets.source 'files' reads a folder of converted files; a missing frozen network is an
-    error naming it; missing trainable ones start fresh."""
+def test_networks_from_a_weights_folder(tmp_path):
+    """nets.source 'files' reads a folder of converted files (here the random tiny networks,
+    exported); a missing frozen network is an error naming it; missing trainable ones start
+    fresh."""
     cfg = smoke(1, "unused")
-    cfg.nets.source, cfg.nets.dir = "files", str(run2[0] / "weights")
+    start = networks.build(cfg)
+    folder = str(tmp_path / "weights")
+    networks.export_weights(start.nets, start.roles, folder, "test")
+    assert pipeline.load(folder).conventions == pipeline.PAPER
+    cfg.nets.source, cfg.nets.dir = "files", folder
     built = networks.build(cfg)
-    want = pipeline.load(run2[0] / "weights").nets
-    assert_trees_equal(built.nets.generator_vars, want.generator_vars)
+    assert_trees_equal(built.nets.generator_vars, start.nets.generator_vars)
+    assert_trees_equal(networks.trainable_params(built.nets, ("flow",)),
+                       networks.trainable_params(start.nets, ("flow",)))
     assert built.roles["attr_encoder"][1]["units"] == [1, 1, 1, 1]
     partial = tmp_path / "partial"
     partial.mkdir()
     for name in ("arcface.safetensors", "bisenet.safetensors", "icl.safetensors"):
-        shutil.copy(run2[0] / "weights" / name, partial / name)
+        shutil.copy(os.path.join(folder, name), partial / name)
     cfg.nets.dir = str(partial)
     with pytest.raises(WeightsError, match=r"missing stylegan2.safetensors \(stylegan2\)"):
         networks.build(cfg)
-    conventions = pipeline.PAPER
     rngs = jax.random.split(jax.random.key(0), 2)
-    flow = networks._fresh("flow", conventions, rngs[0], {})
+    flow = networks._fresh("flow", pipeline.PAPER, rngs[0], {})
     assert flow.params.config.variant == "sacb"
-    mapper = networks._fresh("mapper", conventions, rngs[1], {})
+    mapper = networks._fresh("mapper", pipeline.PAPER, rngs[1], {})
     assert mapper.module.features == (512, 512) and mapper.in_features == 1024
 
 

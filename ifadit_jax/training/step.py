@@ -132,8 +132,10 @@ def make_step(obj: objective.Objective, optimizer, devices):
     # chex keys its trace counter on where and how the function is defined, which is the same for
     # every make_step call: start the count of this new step function at zero.
     chex.clear_trace_counter()
-    return jax.pmap(chex.assert_max_traces(p_train_step, n=1), axis_name=AXIS, devices=devices,
-                    donate_argnums=(0,))
+    # Multi-host: pmap spans every process's devices (each process feeds its local ones), which
+    # is what `devices=None` means there; a device list would have to name all of them.
+    return jax.pmap(chex.assert_max_traces(p_train_step, n=1), axis_name=AXIS,
+                    devices=devices if jax.process_count() == 1 else None, donate_argnums=(0,))
 
 
 # ----------------------------------------------------------------------------- placement
