@@ -244,6 +244,22 @@ def nets_from_loaded(loaded: dict[str, Any], conventions: Conventions) -> Nets:
                 parser_vars=p_v)
 
 
+def publish_weights_folder(tmp: str, out_dir: str, conventions: str, weights_id: str,
+                           files: dict) -> dict:
+    """Writes the manifest into the finished temporary folder `tmp` and renames it onto
+    `out_dir` (replacing it), so a weights folder appears whole or not at all."""
+    manifest = {"format": "ifadit-jax-weights/1", "conventions": conventions,
+                "weights_id": weights_id, "files": files}
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    if os.path.exists(out_dir):
+        import shutil
+
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return manifest
+
+
 def load(weights_dir: str | os.PathLike) -> Pipeline:
     """Loads a weights folder (see `ports/convert_ifadit.py release`)."""
     weights_dir = os.fspath(weights_dir)

@@ -99,14 +99,7 @@ def convert_release(src_dir: str, out_dir: str, force: bool = False) -> dict:
                            "source_sha256": meta.source_sha256, "config": meta.config}
         ident = hashlib.sha256(json.dumps(
             {r: f["source_sha256"] for r, f in sorted(files.items())}).encode()).hexdigest()[:16]
-        manifest = {"format": "ifadit-jax-weights/1", "conventions": pipeline.OFFICIAL.name,
-                    "weights_id": ident, "files": files}
-        with open(os.path.join(tmp, pipeline.MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-        return manifest
+        return pipeline.publish_weights_folder(tmp, out_dir, pipeline.OFFICIAL.name, ident, files)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -326,13 +325,7 @@ def export_weights(nets: pipeline.Nets, roles: dict, out_dir: str, description: 
                          weights.Meta(kind=kind, config=config, source_file=description))
             files[role] = {"file": name, "kind": kind, "source_file": description, "config": config}
         ident = digest.hexdigest()[:16]
-        manifest = {"format": "ifadit-jax-weights/1", "conventions": nets.conventions.name,
-                    "weights_id": ident, "files": files}
-        with open(os.path.join(tmp, pipeline.MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        pipeline.publish_weights_folder(tmp, out_dir, nets.conventions.name, ident, files)
         return ident
     finally:
         if os.path.exists(tmp):
