@@ -11,7 +11,6 @@ Usage: python bench/bench_encoders.py [--batch 4] [--iters 5] [--only fixture|of
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,39 +18,11 @@ import numpy as np
 
 from ifadit_jax.nets import arcface, psp
 
+from common import random_variables, report, time_it  # bench/common.py
+
 ARCFACE = {"fixture": (16, 24, 28, 32), "official": (64, 128, 256, 512)}
 # (stage widths, style conv width, w_dim); 14 styles at 256 px.
 PSP = {"fixture": ((16, 32, 48, 64), 64, 64), "official": ((64, 128, 256, 512), 512, 512)}
-
-
-def random_variables(module, example, seed=0):
-    """Variables of the module's shapes, filled with small random values (BN variances positive)."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(module.init, jax.random.key(0), example)
-
-    def fill(path, s):
-        name = jax.tree_util.keystr(path)
-        if "var" in name or "scale" in name:
-            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
-        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
-        return (rng.standard_normal(s.shape, dtype=np.float32) / np.sqrt(fan_in)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def time_it(fn, variables, x, iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(variables, x))
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        jax.block_until_ready(fn(variables, x))
-    return compile_s, (time.perf_counter() - t0) / iters
-
-
-def report(name, batch, compile_s, step_s):
-    print(f"{name:44s} {batch / step_s:9.1f} images/s   ({step_s * 1e3:8.1f} ms/batch, "
-          f"first call {compile_s:5.1f} s)", flush=True)
 
 
 def main():
@@ -69,15 +40,15 @@ def main():
         net = arcface.ArcFace(widths=ARCFACE[which])
         v = random_variables(net, x112)
         report(f"ArcFace IR-SE50 112px ({which} widths)", b,
-               *time_it(jax.jit(net.apply), v, x112, args.iters))
+               *time_it(jax.jit(net.apply), args.iters, v, x112))
         identity = jax.jit(lambda v, x, net=net: net.apply(v, x, method="identity"))
         report(f"ArcFace identity path 256px ({which} widths)", b,
-               *time_it(identity, v, x256, args.iters))
+               *time_it(identity, args.iters, v, x256))
         widths, style_width, w_dim = PSP[which]
         enc = psp.GradualStyleEncoder(widths=widths, style_width=style_width, w_dim=w_dim, n_styles=14)
         v = random_variables(enc, x256)
         report(f"pSp encoder 256px -> 14x{w_dim} ({which} widths)", b,
-               *time_it(jax.jit(enc.apply), v, x256, args.iters))
+               *time_it(jax.jit(enc.apply), args.iters, v, x256))
 
 
 if __name__ == "__main__":

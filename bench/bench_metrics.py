@@ -11,7 +11,6 @@ Usage: python bench/bench_metrics.py [--batch 16] [--iters 3] [--only fixture|of
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,39 +19,11 @@ import numpy as np
 from ifadit_jax import metrics
 from ifadit_jax.nets import adaface, inception
 
+from common import random_variables, report, time_it  # bench/common.py
+
 ADAFACE = {"fixture": (16, 32, 48, 64), "official": (64, 128, 256, 512)}
 INCEPTION = {"fixture": {k: tuple(c // 4 for c in v) for k, v in inception.OFFICIAL_WIDTHS.items()},
              "official": inception.OFFICIAL_WIDTHS}
-
-
-def random_variables(module, example, seed=0):
-    """Variables of the module's shapes with small random values (BN variances positive)."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(module.init, jax.random.key(0), example)
-
-    def fill(path, s):
-        name = jax.tree_util.keystr(path)
-        if "var" in name or "scale" in name:
-            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
-        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
-        return (rng.standard_normal(s.shape, dtype=np.float32) / np.sqrt(fan_in)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def time_it(fn, iters, *args):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        jax.block_until_ready(fn(*args))
-    return compile_s, (time.perf_counter() - t0) / iters
-
-
-def report(name, batch, compile_s, step_s):
-    print(f"{name:46s} {batch / step_s:9.1f} images/s   ({step_s * 1e3:8.1f} ms/batch, "
-          f"first call {compile_s:5.1f} s)", flush=True)
 
 
 def main():

@@ -102,30 +102,6 @@ class MetricNets:
         return self.sources.get(role, {}).get("skipped", f"no {role} network")
 
 
-def _random_variables(module, inputs: Sequence[Any], seed: int) -> dict:
-    """Random weights for `module` without compiling it: He-normal kernels (non-negative for
-    LPIPS's lin layers, as trained ones are), zero biases, identity BatchNorm, PReLU 0.25."""
-    shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)
-    gen = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        names = [str(getattr(p, "key", p)) for p in path]
-        name, shape = names[-1], leaf.shape
-        if name == "kernel":
-            fan_in = int(np.prod(shape[:-1]))
-            w = gen.standard_normal(shape) * np.sqrt(2.0 / fan_in)
-            return np.abs(w).astype(np.float32) if any(n.startswith("lin") for n in names) else w.astype(np.float32)
-        if name in ("bias", "mean"):
-            return np.zeros(shape, np.float32)
-        if name in ("scale", "var"):
-            return np.ones(shape, np.float32)
-        if name in ("negative_slope", "slope"):
-            return np.full(shape, 0.25, np.float32)
-        return gen.standard_normal(shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 @functools.lru_cache(maxsize=None)
 def demo_metric_net(role: str, seed: int = 0):
     """One evaluation network with random weights at the fixtures' widths (DEMO_CONFIGS).
@@ -142,7 +118,7 @@ def demo_metric_net(role: str, seed: int = 0):
         "mtcnn": lambda: (mtcnn.MTCNNNets(tuple(config["pnet_widths"]), tuple(config["rnet_widths"]),
                                           tuple(config["onet_widths"])), list(mtcnn.init_inputs())),
     }[role]()
-    variables = _random_variables(module, inputs, seed)
+    variables = pipeline.random_like(jax.eval_shape(module.init, jax.random.key(0), *inputs), seed)
     return weights.loader(role)(variables, weights.Meta(kind=role, config=config))
 
 

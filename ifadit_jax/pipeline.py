@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from typing import Any
 
 import flax.struct
@@ -322,22 +323,26 @@ _INIT_INPUTS = {"id_encoder": (1, 112, 112, 3), "attr_encoder": (1, 256, 256, 3)
                 "mapper": (1, 14, 1024), "icl": (1, 512), "parser": (1, 512, 512, 3)}
 
 
-def _random_like(shapes, seed: int) -> dict:
-    """He-normal conv/dense kernels, zero biases, identity BatchNorm, PReLU 0.25, N(0, 1) for
-    equalized-lr weights. Filled in numpy: `module.init` would compile each network's forward
-    pass just to draw random numbers."""
+def random_like(shapes, seed: int) -> dict:
+    """Random weights for the variable shapes `shapes` (e.g. `jax.eval_shape(module.init, ...)`):
+    He-normal conv/dense kernels (non-negative in LPIPS's lin0..lin4 layers, as trained ones are:
+    a distance), zero biases, identity BatchNorm, PReLU slopes 0.25, N(0, 1) for equalized-lr
+    weights. Filled in numpy: `module.init` would compile each network's forward pass just to
+    draw random numbers."""
     gen = np.random.default_rng(seed)
 
     def draw(path, leaf):
-        name, shape = getattr(path[-1], "key", str(path[-1])), leaf.shape
+        names = [str(getattr(p, "key", p)) for p in path]
+        name, shape = names[-1], leaf.shape
         if name == "kernel":
             fan_in = int(np.prod(shape[:-1]))
-            return (gen.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+            w = (gen.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+            return np.abs(w) if any(re.fullmatch(r"lin\d", n) for n in names) else w
         if name in ("bias", "mean"):
             return np.zeros(shape, np.float32)
         if name in ("scale", "var"):
             return np.ones(shape, np.float32)
-        if name == "negative_slope":
+        if name in ("negative_slope", "slope"):
             return np.full(shape, 0.25, np.float32)
         return gen.standard_normal(shape).astype(np.float32)
 
@@ -371,7 +376,7 @@ def random_pipeline(seed: int = 0, conventions: Conventions = OFFICIAL,
                 config = {**config, "input_range": list(conventions.attr_input_range)}
             module = builders[role](config)
             shapes = jax.eval_shape(module.init, rngs[role], jnp.zeros(_INIT_INPUTS[role]))
-            variables = _random_like(shapes, seed + len(loaded))
+            variables = random_like(shapes, seed + len(loaded))
         loaded[role] = weights.loader(kind)(variables, weights.Meta(kind=kind, config=config))
     nets = nets_from_loaded(loaded, conventions)
     # Two gains so that the key visibly matters: FrEIA's initialization leaves a random flow

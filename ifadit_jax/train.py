@@ -263,13 +263,16 @@ def main(argv) -> int:
     flags.DEFINE_integer("process_id", None, "this process's index (with --distributed)",
                          flag_values=fv)
     try:
-        fv(["ifadit_jax.train", *argv])
+        rest = fv(["ifadit_jax.train", *argv])[1:]
     except flags.Error as e:  # a config file's own error arrives as a traceback: keep its last line
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise InputError(" ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)) from None
     except AttributeError as e:  # an override of a field the config does not have
         raise InputError(f"unknown config field {str(e).strip(chr(34))}") from None
 
+    if rest:  # e.g. `--config.data.shuffle False`: a boolean flag takes no separate value
+        raise InputError(f"unexpected argument(s) {rest}; boolean fields are set as "
+                         "--config.FIELD=False (or --noconfig.FIELD)")
     missing = [f"--{n}" for n in ("phase", "config", "workdir") if fv[n].value is None]
     if missing:
         raise InputError(f"missing {', '.join(missing)} (usage: python -m ifadit_jax.train "

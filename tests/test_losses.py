@@ -104,8 +104,8 @@ def loss_nets():
 def parser():
     config = networks.TINY_CONFIGS["parser"]
     module = bisenet.module_from_config(config)
-    variables = pipeline._random_like(jax.eval_shape(module.init, jax.random.key(0),
-                                                     jnp.zeros((1, 64, 64, 3))), 3)
+    variables = pipeline.random_like(jax.eval_shape(module.init, jax.random.key(0),
+                                                    jnp.zeros((1, 64, 64, 3))), 3)
     return bisenet.LoadedBiSeNet(config, variables)
 
 

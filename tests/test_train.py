@@ -8,6 +8,7 @@ learning rate is optimizer state, not a constant), also in the subprocesses, whi
 cache and matmul precision as this process.
 """
 
+import csv
 import importlib.util
 import json
 import os
@@ -27,6 +28,12 @@ from ifadit_jax import pipeline, train
 from ifadit_jax.errors import InputError, WeightsError
 from ifadit_jax.training import checkpoints, networks, objective, writers
 from tests.helpers import ROOT, run_cli
+
+
+# The tests that train share module fixtures (run1, run2, ...) and compiled steps: under
+# `pytest -n` (`--dist loadgroup`, pyproject.toml) they run on one worker, so nothing trains or
+# compiles twice; the rest of the suite spreads over the other workers.
+RUNS = pytest.mark.xdist_group("train_runs")
 
 
 def load_config(phase: int, arg: str = "smoke"):
@@ -70,9 +77,12 @@ def run1(tmp_path_factory, faces):
 
 @pytest.fixture(scope="module")
 def run2(tmp_path_factory, faces, run1):
-    """Phase II smoke run from run1's workdir: 2 steps, exporting a weights folder."""
+    """Phase II smoke run from run1's workdir: 2 steps, exporting a weights folder. Without
+    refinement: this run is also the one-device reference of the two-device comparison, and the
+    refinement mask is an argmax of parser logits, which a 1e-7 rounding difference between two
+    batch layouts flips at some pixels. (The ablation runs of Table 5 below train with it.)"""
     workdir = tmp_path_factory.mktemp("p2") / "run"
-    cfg = smoke(2, faces, init_from=str(run1[0]), total_steps=2, export_weights=True)
+    cfg = smoke(2, faces, init_from=str(run1[0]), total_steps=2, export_weights=True, refine=False)
     last = train.train_and_evaluate(cfg, str(workdir))
     return workdir, last
 
@@ -159,8 +169,7 @@ def test_configs_follow_the_paper_and_phase2_builds_on_phase1():
 def test_ablation_objectives(faces):
     """The ablations trace to the objective they name: without ICL, L_Div and L_Img, recovery
     reads E_ID(X_anon) directly, only T is differentiated and the dropped terms are not computed
-    (shapes only, nothing is compiled). (The single-phase ablation is phase I's and phase II's
-    objectives together, each run end to end below.)"""
+    (shapes only, nothing is compiled). The single-phase ablation trains end to end below."""
     def trace(arg):
         cfg = smoke(2, faces, arg)
         built = networks.build(cfg)
@@ -186,6 +195,7 @@ def test_ablation_objectives(faces):
 
 # ----------------------------------------------------------------------------- end to end
 
+@RUNS
 def test_phase1_smoke_run(run1):
     workdir, last = run1
     rows = jsonl(workdir)
@@ -211,6 +221,7 @@ def test_phase1_smoke_run(run1):
     assert images[0].encoded_image_string == open(workdir / "samples" / "step_00000003.png", "rb").read()
 
 
+@RUNS
 def test_phase2_smoke_run_from_phase1(run1, run2):
     workdir, last = run2
     rows = jsonl(workdir)
@@ -238,6 +249,57 @@ def test_phase2_smoke_run_from_phase1(run1, run2):
     assert grid.shape == (4 * 256, 5 * 256, 3)  # X, X_anon, X_anon (2nd key), X_rec, X_wrong
 
 
+@pytest.fixture(scope="module")
+def single_phase(tmp_path_factory, faces):
+    """The single-phase ablation of Table 5 (E_Attr, M, T and C from scratch on L_P1 + L_P2 in
+    one run, with refinement) trained for one step and exported. (no_div and no_img only zero a
+    loss weight and no_icl drops C, see test_ablation_objectives; a folder without C is read by
+    test_experiments. Each would cost one more compilation of a phase II step.)"""
+    workdir = tmp_path_factory.mktemp("single_phase") / "run"
+    cfg = smoke(2, faces, "smoke,single_phase", total_steps=1, export_weights=True, sample_every=0)
+    assert cfg.refine and not cfg.init_from
+    train.train_and_evaluate(cfg, str(workdir))
+    return workdir
+
+
+@RUNS
+def test_single_phase_trains_everything_and_table5_reads_the_exports(tmp_path, run2, single_phase):
+    """The single-phase ablation trains all four networks on L_P1 + L_P2, and the folders the
+    trainer exports (the full run2 and the ablation) are what `experiments.run table5` reads."""
+    from experiments import evaluate as ev
+    from experiments import run as experiments
+
+    (r,) = jsonl(single_phase)
+    assert r["loss"] == pytest.approx(r["p1"] + r["p2"], rel=1e-5)
+    for key in ("p1/vq", "p1/sem", "anon", "div", "deanon", "img", "grad_norm/attr_encoder",
+                "grad_norm/mapper", "grad_norm/flow", "grad_norm/icl"):
+        assert np.isfinite(r[key]), key
+    assert min(r[f"grad_norm/{role}"] for role in ("attr_encoder", "mapper", "flow", "icl")) > 0
+    _, params, stats = checkpoints.read_trained(single_phase)
+    assert set(params) == {"attr_encoder", "mapper", "flow", "icl"} and set(stats) == {"attr_encoder"}
+
+    images = tmp_path / "aligned"
+    images.mkdir()
+    for i, face in enumerate(ev.demo_faces(2)):
+        Image.fromarray(np.round(face * 255).astype(np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "table5"
+    assert experiments.main(["table5", "--ablation", f"full={run2[0] / 'weights'}",
+                             "--ablation", f"single_phase={single_phase / 'weights'}",
+                             "--images", f"faces={images}", "--batch", "2", "--div-keys", "2",
+                             "--samples", "1", "--quiet", "--out", str(out)]) == 0
+    with open(out / "table5.csv") as f:
+        rows = {row["variant"]: row for row in csv.DictReader(f)}
+    assert list(rows) == ["full", "single_phase"]
+    for row in rows.values():
+        for key in ("anon_cos_arcface", "rec_psnr", "rec_ssim", "rec_cos_arcface",
+                    "wrong_cos_arcface", "div_kffa_arcface"):
+            assert np.isfinite(float(row[key])), key
+    meta = json.loads((out / "table5.json").read_text())
+    assert [(p["variant"], p["icl"]) for p in meta["pipelines"]] == [("full", True),
+                                                                     ("single_phase", True)]
+
+
+@RUNS
 def test_loss_falls_on_a_tiny_overfit_set(tmp_path):
     two = write_faces(tmp_path / "two", (0, 40))
     train.train_and_evaluate(smoke(1, two, total_steps=8, checkpoint_every=8, sample_every=0),
@@ -246,6 +308,7 @@ def test_loss_falls_on_a_tiny_overfit_set(tmp_path):
     assert len(loss) == 8 and max(loss[-2:]) < 0.7 * loss[0], loss
 
 
+@RUNS
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, faces, run1):
     """A NaN learning rate makes step 4's update NaN: the run stops naming step 4 and writes no
     checkpoint of it, so step 3 stays the latest."""
@@ -260,6 +323,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, faces
     assert_trees_equal(params, want)
 
 
+@RUNS
 def test_resume_after_sigkill_is_exact(tmp_path, faces, run1):
     """A run killed (SIGKILL) after its first checkpoint and restarted in the same workdir ends
     with exactly the state of the uninterrupted run1."""
@@ -305,51 +369,112 @@ for phase, kw, msg in ((1, dict(total_steps=1), "does not split evenly"),
         assert msg in str(e), e
         print(e)
 train.train_and_evaluate(smoke(1, faces, total_steps=1), out + "/p1")
-train.train_and_evaluate(smoke(2, faces, init_from=p1_workdir, total_steps=1), out + "/p2")
+train.train_and_evaluate(smoke(2, faces, init_from=p1_workdir, total_steps=1, refine=False),
+                         out + "/p2")
+cfg = smoke(1, faces, total_steps=2)  # the reference of the two-process run
+cfg.data.shuffle = False
+train.train_and_evaluate(cfg, out + "/p1_in_order")
 """
 
 
-def test_two_devices_match_one_device(tmp_path, faces, run1, run2):
-    """Step 1 of both smoke runs on 2 fake CPU devices against run1 / run2 on one device, same
-    global batch: the loss terms and, from Adam's first moment (b1 = 0: mu = the averaged
-    gradient after step 1), the gradients; phase I also E_Attr's synchronized BatchNorm
-    statistics.
-
-    Phase I agrees to 1e-5 (measured about 1e-6). Phase II cannot, in float32, with random
-    networks: the batch layout changes XLA's rounding by ~1e-7, and the phase II objective of
-    random networks amplifies that (refinement masks are argmaxes of random parser logits; a
-    1e-7 relative change of the input images alone moves its gradients by ~5e-4). Measured
-    between the layouts: loss terms up to 3e-4 relative, gradients up to 2.5e-2 of their
-    largest entry. The tolerances (1e-3, 5e-2) stay far below what a data-parallel bug gives:
-    without the pmean (gradients of half the batch) the gradients differ by 95% and the loss
-    terms by 10-25%; psum instead of pmean doubles them; keys or L_Div pairs that depended on
-    the layout would change X_anon itself."""
-    proc = run_cli("-c", TWO_DEVICES, str(faces), str(run1[0]), str(tmp_path), check=False,
+@pytest.fixture(scope="module")
+def two_devices(tmp_path_factory, faces, run1):
+    """Runs on 2 fake CPU devices in one process (a subprocess: the device count is fixed at
+    start-up): the uneven-batch errors, step 1 of both phases (as run1 / run2), and 2 phase I steps
+    over the data in file order."""
+    out = tmp_path_factory.mktemp("two_devices")
+    proc = run_cli("-c", TWO_DEVICES, str(faces), str(run1[0]), str(out), check=False,
                    env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "does not split evenly over 1 process(es) x 2 local device(s)" in proc.stdout
-    for one, two, loss_rtol, grad_tol in ((run1[0], tmp_path / "p1", 1e-5, 1e-5),
-                                          (run2[0], tmp_path / "p2", 1e-3, 5e-2)):
-        r1, r2 = jsonl(one)[0], jsonl(two)[0]
-        assert r1["step"] == r2["step"] == 1
-        for key in r1:
-            if key.startswith(("loss", "p1", "p2", "anon", "div", "deanon", "img")):
-                assert r2[key] == pytest.approx(r1[key], rel=loss_rtol, abs=1e-6), key
-        s1, s2 = raw_state(one, 1), raw_state(two, 1)
-        g1, g2 = leaves(find(s1["opt_state"], "mu")), leaves(find(s2["opt_state"], "mu"))
-        assert g1.keys() == g2.keys()
-        for role in ("attr_encoder", "mapper", "flow", "icl"):
-            keys = [k for k in g1 if k.startswith(f"['{role}']")]
-            if not keys:
-                continue
-            scale = max(np.max(np.abs(g1[k])) for k in keys)
-            err = max(np.max(np.abs(g1[k] - g2[k])) for k in keys)
-            assert err <= grad_tol * scale, (role, err / scale)
-        stats1, stats2 = leaves(s1["batch_stats"]), leaves(s2["batch_stats"])
-        for k in stats1:
-            np.testing.assert_allclose(stats2[k], stats1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    return out, proc.stdout
 
 
+def assert_same_first_step(one, two, rtol, grad_rtol):
+    """Step 1 of two runs: the loss terms and BatchNorm statistics (within rtol) and the
+    gradients (from Adam's first moment: with b1 = 0, mu = the averaged gradient after step 1;
+    per role, relative to the role's largest entry, within grad_rtol)."""
+    r1, r2 = jsonl(one)[0], jsonl(two)[0]
+    assert r1["step"] == r2["step"] == 1
+    for key in r1:
+        if key.startswith(("loss", "p1", "p2", "anon", "div", "deanon", "img")):
+            assert r2[key] == pytest.approx(r1[key], rel=rtol, abs=1e-6), key
+    s1, s2 = raw_state(one, 1), raw_state(two, 1)
+    g1, g2 = leaves(find(s1["opt_state"], "mu")), leaves(find(s2["opt_state"], "mu"))
+    assert g1.keys() == g2.keys()
+    for role in ("attr_encoder", "mapper", "flow", "icl"):
+        keys = [k for k in g1 if k.startswith(f"['{role}']")]
+        if not keys:
+            continue
+        scale = max(np.max(np.abs(g1[k])) for k in keys)
+        err = max(np.max(np.abs(g1[k] - g2[k])) for k in keys)
+        assert err <= grad_rtol * scale, (role, err / scale)
+    stats1, stats2 = leaves(s1["batch_stats"]), leaves(s2["batch_stats"])
+    for k in stats1:
+        np.testing.assert_allclose(stats2[k], stats1[k], rtol=rtol, atol=1e-6, err_msg=k)
+
+
+@RUNS
+def test_two_devices_match_one_device(two_devices, run1, run2):
+    """Step 1 of both smoke runs on 2 fake CPU devices against run1 / run2 on one device, same
+    global batch. Phase I: loss terms, gradients and E_Attr's synchronized BatchNorm statistics
+    within 1e-5 (measured about 1e-6). Phase II: loss terms within 1e-5 (measured 4e-7), but T's
+    gradients only within 3e-4 of their largest entry (measured 5e-5; C's 4e-6): XLA's CPU
+    kernels round differently at another batch size (e.g. a BiSeNet conv by 2e-7 of its
+    output), and the random smoke networks' kinks (PReLU, ReLU, leaky ReLU) amplify that about
+    200-fold in T's gradients. A data-parallel bug is far outside either bound: without the pmean
+    (gradients of half the batch) the gradients differ by ~95% and the loss terms by 10-25%;
+    psum instead of pmean doubles them; keys or L_Div pairs that depended on the layout would
+    change X_anon itself."""
+    out, stdout = two_devices
+    assert "does not split evenly over 1 process(es) x 2 local device(s)" in stdout
+    assert_same_first_step(run1[0], out / "p1", 1e-5, 1e-5)
+    assert_same_first_step(run2[0], out / "p2", 1e-5, 3e-4)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@RUNS
+def test_two_processes_match_two_devices(tmp_path, faces, two_devices):
+    """Multi-host through the CLI's jax.distributed flags: 2 processes on this machine, one CPU
+    device each (collectives over gloo), give exactly the metrics and the state of one process
+    with 2 devices on the same data (file order; each process reads its own shard). Only process
+    0 logs; the checkpoint holds one data-iterator state per process."""
+    port = free_port()
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ifadit_jax.train", "--phase", "1", "--config",
+           "configs/phase1.py:smoke", "--workdir", str(workdir), "--config.data.path", str(faces),
+           "--config.data.shuffle=False", "--config.total_steps", "2", "--distributed",
+           "--coordinator_address", f"localhost:{port}", "--num_processes", "2"]
+    procs = [subprocess.Popen(cmd + ["--process_id", str(i)], cwd=ROOT, env=subprocess_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "step 2/2" in outs[0] and "step 2/2" not in outs[1]
+    want = two_devices[0] / "p1_in_order"
+    got_rows, want_rows = jsonl(workdir), jsonl(want)
+    assert [r["step"] for r in got_rows] == [1, 2]
+    for got, ref in zip(got_rows, want_rows):
+        for key in ref:
+            if key not in ("time", "steps_per_sec", "images_per_sec"):
+                assert got[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-7), key
+    got, ref = raw_state(workdir, 2), raw_state(want, 2)
+    for key in ("params", "batch_stats", "opt_state", "step"):
+        la, lb = leaves(got[key]), leaves(ref[key])
+        assert la.keys() == lb.keys()
+        for k in la:
+            np.testing.assert_allclose(la[k], lb[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    assert sorted(os.listdir(workdir / "checkpoints" / "2" / "data")) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+
+
+@RUNS
 def test_no_recompilation_after_the_first_step(tmp_path, faces):
     run = train.setup(smoke(1, faces), str(tmp_path / "run"))
     for _ in range(3):  # the donated state comes back with the same shapes and types
@@ -373,7 +498,12 @@ def test_cli_errors_are_one_line(tmp_path, faces):
               "error: flag --config=configs/phase2.py:smoke,bogus: Error whilst parsing config "
               "file: ValueError: unknown config argument(s) ['bogus']"),
              (["--phase", "1", "--config", "configs/phase1.py:smoke", *data,
-               "--config.nets.widths", "huge"], "error: nets.widths must be one of")]
+               "--config.nets.widths", "huge"], "error: nets.widths must be one of"),
+             # absl reads `--config.data.shuffle False` as the flag (True) and a stray "False"
+             (["--phase", "1", "--config", "configs/phase1.py:smoke", *data,
+               "--config.data.shuffle", "False"],
+              "error: unexpected argument(s) ['False']; boolean fields are set as "
+              "--config.FIELD=False")]
     for args, message in cases:
         proc = run_cli("-m", "ifadit_jax.train", "--workdir", str(tmp_path / "w"), *args, check=False)
         assert proc.returncode == InputError.exit_code, proc.stderr

@@ -253,7 +253,7 @@ def synthesize(weights_path: str, out: str, n: int, *, truncation: float = 0.7, 
                 write(*pending, pool)
     finally:
         bar.close()
-        del latents
+        latents.flush()
     return meta
 
 

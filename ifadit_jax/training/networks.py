@@ -11,7 +11,8 @@ Where the weights come from (`config.nets.source`):
             `flow.init_sif`. A frozen network whose file is absent is an error.
   "random"  `pipeline.random_pipeline` networks with random weights at `config.nets.widths`
             ("tiny": the smallest that run, for tests; "small": the parity fixtures' widths;
-            "real": the official widths). Smoke runs only: nothing is learned that means anything.
+            "real": the official widths), T from `flow.init_sif`. Smoke runs only: nothing is
+            learned that means anything.
 
 The loss networks (`config.loss_nets.source`): "files" reads `config.loss_nets.lpips`
 (`ports/convert_lpips.py`) and `config.loss_nets.landmarks` (`ports/convert_mobilefacenet.py`);
@@ -143,15 +144,12 @@ def _random_loss_nets(seed: int, real_widths: bool = False) -> losses.LossNets:
 
     widths = REAL_LPIPS_WIDTHS if real_widths else RANDOM_LPIPS["widths"]
     lp = lpips.LPIPS(net=RANDOM_LPIPS["net"], widths=tuple(widths))
-    lp_vars = pipeline._random_like(jax.eval_shape(lp.init, jax.random.key(0),
-                                                   jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64, 3))),
-                                    seed)
-    # LPIPS's lin layers are non-negative weights (a distance); keep the random ones so too.
-    lp_vars["params"] = {k: ({"kernel": np.abs(v["kernel"])} if k.startswith("lin") else v)
-                         for k, v in lp_vars["params"].items()}
+    lp_vars = pipeline.random_like(jax.eval_shape(lp.init, jax.random.key(0),
+                                                  jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64, 3))),
+                                   seed)
     lm = mobilefacenet.MobileFaceNet(embedding_size=RANDOM_LANDMARKS["embedding_size"])
-    lm_vars = pipeline._random_like(jax.eval_shape(lm.init, jax.random.key(0),
-                                                   jnp.zeros((1, 112, 112, 3))), seed + 1)
+    lm_vars = pipeline.random_like(jax.eval_shape(lm.init, jax.random.key(0),
+                                                  jnp.zeros((1, 112, 112, 3))), seed + 1)
     # A random deep PReLU network is chaotic in float32: its gradient changes by ~1e-3 for a
     # 1e-6 change of its input, which drowns every comparison a test could make. The random
     # landmark net is made linear instead (PReLU slopes 1, variance-preserving N(0, 1/fan_in)
@@ -193,7 +191,12 @@ def build(config) -> Networks:
         if cfg.widths not in WIDTH_PRESETS:
             raise InputError(f"nets.widths must be one of {sorted(WIDTH_PRESETS)}, got {cfg.widths!r}")
         pipe = pipeline.random_pipeline(int(cfg.seed), conventions, configs=WIDTH_PRESETS[cfg.widths])
-        nets = pipe.nets
+        # T starts as a run from scratch starts it (`flow.init_sif`), not with the demo's gain
+        # (pipeline.RANDOM_FLOW_GAIN): that gain makes T's gradients ill-conditioned (a 1e-7
+        # change of the images moves them by 1e-4), which would drown every comparison of runs.
+        nets = pipe.nets.replace(flow=flow_lib.init_sif(
+            jax.random.fold_in(jax.random.key(int(cfg.seed)), 1),
+            flow_lib.SifConfig(variant=conventions.flow_variant)))
         presets = WIDTH_PRESETS[cfg.widths]
         roles = {}
         for role, (_, kind) in pipeline.ROLES.items():
