@@ -4,8 +4,8 @@ The evaluation identity network of paper Tables 1 and 3 (cosine and L1 between A
 `net.build_model('ir_50')` = `Backbone((112, 112), 50, 'ir')` (`ir_101`: 100 layers; IR-18 and
 IR-34 load too). Layers:
 
-  input layer: conv3x3 (stride 1, pad 1, no bias) -> BatchNorm -> PReLU(C)   (as `irse.IRBody`)
-  body: 4 stages of `BasicBlockIR` units (50: 3, 4, 14, 3; 100: 3, 13, 30, 3), the first unit of
+  input layer: conv3x3 (stride 1, pad 1, no bias) -> BatchNorm -> PReLU(C)
+  body: `irse.IRBody(se=False, mid_bn=True)`: 4 stages of `BasicBlockIR` units (50: 3, 4, 14, 3; 100: 3, 13, 30, 3), the first unit of
     every stage with stride 2. Unlike pSp's `bottleneck_IR` there is a BatchNorm between the first
     conv and the PReLU:
       res      = BN -> conv3x3 (stride 1) -> BN -> PReLU -> conv3x3 (**stride here**) -> BN
@@ -71,51 +71,6 @@ def _check_rgb(x) -> None:
                          f"got {tuple(x.shape)}")
 
 
-class BasicBlockIR(nn.Module):
-    """Official `BasicBlockIR(in_channel, depth, stride)`; NHWC."""
-
-    depth: int
-    stride: int
-
-    @nn.compact
-    def __call__(self, x):
-        if x.shape[-1] == self.depth:
-            shortcut = x[:, ::self.stride, ::self.stride]  # MaxPool2d(kernel 1, stride)
-        else:
-            shortcut = irse.conv(self.depth, 1, self.stride, "shortcut_conv")(x)
-            shortcut = irse.batch_norm(False, "shortcut_bn")(shortcut)
-        r = irse.batch_norm(False, "bn1")(x)
-        r = irse.conv(self.depth, 3, 1, "conv1")(r)
-        r = irse.batch_norm(False, "bn_mid")(r)
-        r = irse.PReLU(name="prelu")(r)
-        r = irse.conv(self.depth, 3, self.stride, "conv2")(r)
-        r = irse.batch_norm(False, "bn2")(r)
-        return r + shortcut
-
-
-class AdaFaceBody(nn.Module):
-    """Input layer + `BasicBlockIR` units: [B, H, W, 3] -> [B, H/16, W/16, widths[3]].
-
-    widths: output width of the 4 stages (official 64, 128, 256, 512); the input layer has
-    widths[0] channels. units: units per stage, `STAGE_UNITS[num_layers]`.
-    """
-
-    widths: Sequence[int]
-    units: Sequence[int]
-
-    @nn.compact
-    def __call__(self, x):
-        x = irse.conv(self.widths[0], 3, 1, "input_conv")(x)
-        x = irse.batch_norm(False, "input_bn")(x)
-        x = irse.PReLU(name="input_prelu")(x)
-        i = 0
-        for depth, n in zip(self.widths, self.units):
-            for j in range(n):
-                x = BasicBlockIR(depth, 2 if j == 0 else 1, name=f"unit_{i}")(x)
-                i += 1
-        return x
-
-
 class AdaFace(nn.Module):
     """AdaFace `Backbone(input_size, num_layers, 'ir')`, inference only.
 
@@ -138,7 +93,7 @@ class AdaFace(nn.Module):
     def raw_embedding(self, x: jax.Array) -> jax.Array:
         """x: [B, s, s, 3] BGR in [-1, 1] -> [B, emb_dim], the output layer before normalising."""
         self._check(x)
-        x = AdaFaceBody(self.widths, self.units, name="body")(x)
+        x = irse.IRBody(self.widths, self.units, se=False, mid_bn=True, name="body")(x)[-1]
         x = irse.batch_norm(False, "output_bn")(x)
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # official Flatten is NCHW
         x = nn.Dense(self.emb_dim, name="output_linear")(x)

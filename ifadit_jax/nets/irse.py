@@ -66,12 +66,15 @@ class PReLU(nn.Module):
 
 
 class IRUnit(nn.Module):
-    """Official `bottleneck_IR_SE(in, depth, stride)` (or `bottleneck_IR` when `se=False`); NHWC."""
+    """Official `bottleneck_IR_SE(in, depth, stride)` (or `bottleneck_IR` when `se=False`); NHWC.
+    `mid_bn`: a BatchNorm ("bn_mid") between conv1 and the PReLU, which makes it AdaFace's
+    `BasicBlockIR` (with `se=False`)."""
 
     depth: int
     stride: int
     se: bool = True
     bn_axis_name: str | None = None
+    mid_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -83,6 +86,8 @@ class IRUnit(nn.Module):
             shortcut = bn("shortcut_bn")(shortcut)
         r = bn("bn1")(x)
         r = conv(self.depth, 3, 1, "conv1")(r)
+        if self.mid_bn:
+            r = bn("bn_mid")(r)
         r = PReLU(name="prelu")(r)
         r = conv(self.depth, 3, self.stride, "conv2")(r)
         r = bn("bn2")(r)
@@ -99,12 +104,14 @@ class IRBody(nn.Module):
     widths: output width of each of the 4 stages (official 64, 128, 256, 512); the input layer
       has widths[0] channels (official: 64, the first stage's input).
     units: units per stage, `STAGE_UNITS[num_layers]`.
+    mid_bn: AdaFace's units (see `IRUnit`).
     """
 
     widths: Sequence[int]
     units: Sequence[int] = STAGE_UNITS[50]
     se: bool = True
     bn_axis_name: str | None = None  # synchronized BatchNorm over this pmap axis in training
+    mid_bn: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False) -> list:
@@ -116,7 +123,7 @@ class IRBody(nn.Module):
         outputs = []
         for depth, n in zip(self.widths, self.units):
             for j in range(n):
-                x = IRUnit(depth, 2 if j == 0 else 1, self.se, self.bn_axis_name,
+                x = IRUnit(depth, 2 if j == 0 else 1, self.se, self.bn_axis_name, self.mid_bn,
                            name=f"unit_{len(outputs)}")(x, train)
                 outputs.append(x)
         return outputs
