@@ -454,7 +454,11 @@ def test_two_processes_match_two_devices(tmp_path, faces, two_devices):
     procs = [subprocess.Popen(cmd + ["--process_id", str(i)], cwd=ROOT, env=subprocess_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    try:  # one process failing leaves the other waiting for it: never leave it running
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "step 2/2" in outs[0] and "step 2/2" not in outs[1]
     want = two_devices[0] / "p1_in_order"
