@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ifadit_jax import pipeline, train
+from ifadit_jax import imageio, pipeline, train
 from ifadit_jax.errors import InputError, WeightsError
 from ifadit_jax.training import checkpoints, networks, objective, writers
 from tests.helpers import ROOT, run_cli
@@ -80,7 +80,7 @@ def run2(tmp_path_factory, faces, run1):
     """Phase II smoke run from run1's workdir: 2 steps, exporting a weights folder. Without
     refinement: this run is also the one-device reference of the two-device comparison, and the
     refinement mask is an argmax of parser logits, which a 1e-7 rounding difference between two
-    batch layouts flips at some pixels. (The ablation runs of Table 5 below train with it.)"""
+    batch layouts flips at some pixels. (The single-phase run below trains with it.)"""
     workdir = tmp_path_factory.mktemp("p2") / "run"
     cfg = smoke(2, faces, init_from=str(run1[0]), total_steps=2, export_weights=True, refine=False)
     last = train.train_and_evaluate(cfg, str(workdir))
@@ -281,7 +281,7 @@ def test_single_phase_trains_everything_and_table5_reads_the_exports(tmp_path, r
     images = tmp_path / "aligned"
     images.mkdir()
     for i, face in enumerate(ev.demo_faces(2)):
-        Image.fromarray(np.round(face * 255).astype(np.uint8)).save(images / f"{i}.png")
+        imageio.write_rgb(images / f"{i}.png", face)
     out = tmp_path / "table5"
     assert experiments.main(["table5", "--ablation", f"full={run2[0] / 'weights'}",
                              "--ablation", f"single_phase={single_phase / 'weights'}",

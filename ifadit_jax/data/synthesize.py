@@ -253,7 +253,6 @@ def synthesize(weights_path: str, out: str, n: int, *, truncation: float = 0.7, 
                 write(*pending, pool)
     finally:
         bar.close()
-        latents.flush()
     return meta
 
 

@@ -5,9 +5,9 @@ The evaluation identity network of paper Tables 1 and 3 (cosine and L1 between A
 IR-34 load too). Layers:
 
   input layer: conv3x3 (stride 1, pad 1, no bias) -> BatchNorm -> PReLU(C)
-  body: `irse.IRBody(se=False, mid_bn=True)`: 4 stages of `BasicBlockIR` units (50: 3, 4, 14, 3; 100: 3, 13, 30, 3), the first unit of
-    every stage with stride 2. Unlike pSp's `bottleneck_IR` there is a BatchNorm between the first
-    conv and the PReLU:
+  body: `irse.IRBody(se=False, mid_bn=True)`, 4 stages of `BasicBlockIR` units (50: 3, 4, 14,
+    3; 100: 3, 13, 30, 3), the first unit of every stage with stride 2. Unlike pSp's
+    `bottleneck_IR` there is a BatchNorm between the first conv and the PReLU:
       res      = BN -> conv3x3 (stride 1) -> BN -> PReLU -> conv3x3 (**stride here**) -> BN
       shortcut = MaxPool2d(1, stride) (plain subsampling) if in == depth,
                  else conv1x1 (stride, no bias) -> BN
