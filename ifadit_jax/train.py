@@ -93,7 +93,9 @@ class Run:
     devices: list
     built: networks.Networks  # the networks as they started (before any training)
     trainable: tuple[str, ...]
-    p_step: Any  # the pmapped train step
+    obj: objective.Objective  # what the step minimizes
+    optimizer: Any  # optax.GradientTransformation
+    p_step: Any  # the pmapped train step: step_lib.make_step(obj, optimizer, devices)
     state: step_lib.TrainState  # replicated
     frozen: Any  # replicated frozen Nets
     loss_nets: Any  # replicated LossNets
@@ -153,7 +155,7 @@ def setup(config, workdir: str) -> Run:
         train_attr_bn="attr_encoder" in trainable and config.attr_batch_norm == "batch",
         axis_name=step_lib.AXIS)
     return Run(config=config, workdir=workdir, devices=devices, built=built, trainable=trainable,
-               p_step=step_lib.make_step(obj, optimizer, devices),
+               obj=obj, optimizer=optimizer, p_step=step_lib.make_step(obj, optimizer, devices),
                state=step_lib.replicate(state, devices),
                frozen=step_lib.replicate(networks.frozen_nets(nets, trainable), devices),
                loss_nets=step_lib.replicate(built.loss_nets, devices),
