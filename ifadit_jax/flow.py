@@ -7,8 +7,9 @@ the same key recovers z. Both directions are pure, jitted functions of a `SifPar
     y, logdet = sif_forward(params, z, k)      # T(z, k) and log|det dT/dz| per sample [B]
     z, logdet = sif_inverse(params, y, k)      # T^-1(y, k) and log|det dT^-1/dy| [B]
 
-They always compute in float32 at HIGHEST matmul precision, whatever the dtype of the inputs or
-parameters (the rest of a model may run in bfloat16; a lossy flow would break recovery).
+They compute in float32 at HIGHEST matmul precision, never narrower whatever the dtype of the
+inputs or parameters (the rest of a model may run in bfloat16; a lossy flow would break
+recovery), and in float64 where an input or parameter is float64 (`jax_enable_x64`).
 
 Two variants (`SifConfig.variant`):
 
@@ -265,10 +266,10 @@ def _allinone_block(bp: dict, perm: np.ndarray, perm_inv: np.ndarray, x: jax.Arr
 
 def _prepare(params: SifParams, x, k):
     cfg = params.config
-    x = jnp.asarray(x).astype(jnp.float32)
-    k = jnp.asarray(k).astype(jnp.float32)  # [cond_dim] or [B, cond_dim]: broadcasts in _mlp
-    blocks = jax.tree.map(lambda a: jnp.asarray(a).astype(jnp.float32), params.blocks)
-    return cfg, x, k, blocks
+    x, k = jnp.asarray(x), jnp.asarray(k)  # k [cond_dim] or [B, cond_dim]: broadcasts in _mlp
+    dtype = jnp.result_type(jnp.float32, x, k, *jax.tree.leaves(params.blocks))
+    blocks = jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), params.blocks)
+    return cfg, x.astype(dtype), k.astype(dtype), blocks
 
 
 def sif_block(params: SifParams, i: int, x, k, inverse: bool = False):
@@ -283,7 +284,7 @@ def sif_block(params: SifParams, i: int, x, k, inverse: bool = False):
 
 def _run(params: SifParams, x, k, inverse: bool):
     cfg, x, k, blocks = _prepare(params, x, k)
-    logdet = jnp.zeros((x.shape[0],), jnp.float32)
+    logdet = jnp.zeros((x.shape[0],), x.dtype)
     order = reversed(range(cfg.n_blocks)) if inverse else range(cfg.n_blocks)
     for i in order:
         if cfg.variant == "sacb":
@@ -298,7 +299,7 @@ def _run(params: SifParams, x, k, inverse: bool):
 @jax.jit
 def sif_forward(params: SifParams, z, k):
     """T(z, k). z [B, dim], k [B, cond_dim] or one key [cond_dim] (or [1, cond_dim]) for the
-    batch -> (y [B, dim] float32, log|det dy/dz| [B] float32)."""
+    batch -> (y [B, dim], log|det dy/dz| [B]), float32 (float64 for float64 inputs)."""
     return _run(params, z, k, inverse=False)
 
 

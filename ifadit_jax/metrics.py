@@ -29,6 +29,7 @@ import numpy as np
 
 from ifadit_jax.errors import IfaditError, InputError
 from ifadit_jax.files import atomic_path
+from ifadit_jax.nets import as_float
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -113,13 +114,13 @@ def ssim(x, y, data_range: float = 1.0) -> jax.Array:
 
 def cosine(e1, e2) -> jax.Array:
     """Cosine similarity per pair of embeddings: [B, D] x2 -> [B] (inputs need not be unit)."""
-    e1, e2 = jnp.asarray(e1, jnp.float32), jnp.asarray(e2, jnp.float32)
+    e1, e2 = as_float(e1), as_float(e2)
     return jnp.sum(e1 * e2, -1) / (jnp.linalg.norm(e1, axis=-1) * jnp.linalg.norm(e2, axis=-1))
 
 
 def l1(e1, e2) -> jax.Array:
     """Mean absolute difference per pair of embeddings (torch `L1Loss` per pair): [B, D] -> [B]."""
-    return jnp.mean(jnp.abs(jnp.asarray(e1, jnp.float32) - jnp.asarray(e2, jnp.float32)), -1)
+    return jnp.mean(jnp.abs(as_float(e1) - as_float(e2)), -1)
 
 
 @jax.jit

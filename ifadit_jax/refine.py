@@ -198,7 +198,8 @@ def face_mask_from_parser(module, variables, images: jax.Array,
     x = bisenet.preprocess(images, size, resample, clip=True)
     lowres = module.apply(variables, x, upsample=False)[0]
     labels = face_labels_from_lowres(lowres, (size, size), images.shape[1:3])
-    return soften(binary_face_mask(labels, classes, background))
+    # Softened in the images' precision: float32, or float64 in a float64 computation.
+    return soften(binary_face_mask(labels, classes, background).astype(x.dtype))
 
 
 _face_mask_jit = jax.jit(face_mask_from_parser,

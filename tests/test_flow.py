@@ -316,7 +316,7 @@ def _random_params_small(cfg):
     return p.replace(blocks=jax.tree.map(lambda a: 3.0 * a, p.blocks))
 
 
-def test_always_float32():
+def test_never_narrower_than_float32():
     cfg = F.SifConfig(variant="allinone", n_blocks=2, dim=16, cond_dim=8, hidden=(32,))
     params = F.init_sif(jax.random.key(21), cfg)
     params = params.replace(blocks=jax.tree.map(lambda a: 3.0 * a, params.blocks))
@@ -331,6 +331,15 @@ def test_always_float32():
     np.testing.assert_array_equal(y, y32)
     x, _ = F.sif_inverse(params_bf16, y, k)
     assert float(jnp.max(jnp.abs(x - z.astype(jnp.float32)))) <= 1e-5
+    # float64 in (jax_enable_x64): float64 math, the inverse exact to float64 rounding; float32
+    # parameters with float64 inputs are widened too.
+    with jax.enable_x64(True):
+        z64 = np.asarray(z, np.float64)
+        y64, logdet64 = F.sif_forward(params_up, z64, np.asarray(k, np.float64))
+        assert y64.dtype == logdet64.dtype == jnp.float64
+        np.testing.assert_allclose(y64, y32, rtol=1e-5, atol=1e-5)
+        x64, _ = F.sif_inverse(params_up, y64, np.asarray(k, np.float64))
+        assert float(np.max(np.abs(np.asarray(x64) - z64))) <= 1e-12
 
 
 def test_init_and_config_roundtrip(tmp_path):

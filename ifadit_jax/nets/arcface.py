@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax.errors import InputError
-from ifadit_jax.nets import irse
+from ifadit_jax.nets import as_float, irse
 
 # IDLoss crop of a 256x256 FFHQ-aligned image (rows, columns), then pooled to 112x112.
 ID_CROP = ((35, 223), (32, 220))
@@ -56,7 +56,7 @@ def identity_crop_pool(x256: jax.Array) -> jax.Array:
     value-range agnostic (iFADIT feeds [-1, 1]). Window sums are matrix products at full float32
     precision (also on GPU/TPU), then divided by the window height and width, as torch does.
     """
-    x256 = jnp.asarray(x256, jnp.float32)
+    x256 = as_float(x256)
     if x256.ndim != 4 or x256.shape[1:3] != (256, 256) or x256.shape[-1] != 3:
         raise InputError(f"the identity path expects [B, 256, 256, 3] aligned face images, "
                          f"got {tuple(x256.shape)}")

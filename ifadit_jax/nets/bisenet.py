@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax.errors import InputError
-from ifadit_jax.nets import resample
+from ifadit_jax.nets import as_float, resample
 
 PARSER_SIZE = 512  # the resolution 79999_iter.pth was trained and is run at
 BN_EPS = 1e-5  # torch BatchNorm2d default; the official model uses it everywhere
@@ -144,14 +144,14 @@ def preprocess(images: jax.Array, size: int = PARSER_SIZE, resample: str = "bicu
     """RGB images in [0, 1] -> the parser's input. Differentiable.
 
     images: [B, H, W, 3] RGB, values in [0, 1] (ToTensor of a PNG, or (G(w) + 1) / 2).
-    Returns [B, size, size, 3] float32: resized to size x size with PIL's filter (skipped when
-    already that size) and normalised channel-wise with the ImageNet mean/std,
-    (x - mean) / std. `resample='bicubic'` is what iFADIT's official mask code gets from
-    `img.resize((512, 512))` (Pillow's default filter since 7.0); face-parsing's own `test.py`
-    asks for 'bilinear'. Resizing runs in float32; `clip=True` clamps the resized values to
-    [0, 1] as PIL does for uint8 images (PIL's rounding to 1/255 is not reproduced).
+    Returns [B, size, size, 3] float32 (float64 for float64 input): resized to size x size with
+    PIL's filter (skipped when already that size) and normalised channel-wise with the ImageNet
+    mean/std, (x - mean) / std. `resample='bicubic'` is what iFADIT's official mask code gets
+    from `img.resize((512, 512))` (Pillow's default filter since 7.0); face-parsing's own
+    `test.py` asks for 'bilinear'. Resizing runs in float32; `clip=True` clamps the resized values
+    to [0, 1] as PIL does for uint8 images (PIL's rounding to 1/255 is not reproduced).
     """
-    images = jnp.asarray(images, jnp.float32)
+    images = as_float(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise InputError(f"preprocess expects [B, H, W, 3] RGB images, got {tuple(images.shape)}")
     x = resize_pil(images, (size, size), resample, clip)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ifadit_jax.errors import InputError
-from ifadit_jax.nets import irse
+from ifadit_jax.nets import as_float, irse
 
 INPUT_SIZE = 112
 BN_EPS = 1e-5  # torch BatchNorm default, used by every BN in the official model
@@ -138,12 +138,13 @@ def preprocess(images: jax.Array, value_range: tuple[float, float] = (-1.0, 1.0)
 
     images: [B, H, W, 3] RGB face crops (iFADIT's aligned 256x256 faces) with values in
       `value_range` ((-1, 1) for generator outputs; pass (0, 1) or (0, 255) for other images).
-    Returns [B, 112, 112, 3] float32, BGR channel order, values mapped linearly to [0, 1]: what the
-    official demo feeds (a cv2 BGR crop resized to 112x112, divided by 255, no mean/std).
+    Returns [B, 112, 112, 3] float32 (float64 for float64 input), BGR channel order, values
+    mapped linearly to [0, 1]: what the official demo feeds (a cv2 BGR crop resized to 112x112,
+    divided by 255, no mean/std).
     Resizing is bilinear with antialiasing (a triangle filter widened by the downscale factor,
     as PIL's and torchvision's antialiased bilinear resize) and is skipped at 112x112 already.
     """
-    images = jnp.asarray(images, jnp.float32)
+    images = as_float(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise InputError(f"preprocess expects [B, H, W, 3] RGB images, got {tuple(images.shape)}")
     lo, hi = value_range

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax.errors import InputError
+from ifadit_jax.nets import as_float
 
 _SQRT2 = math.sqrt(2.0)
 _BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
@@ -160,8 +161,8 @@ def modulated_conv(x, weight, style, *, demodulate: bool, up: bool):
     else:
         y = _conv(y_in, jnp.asarray(weight, x.dtype), ((k // 2, k // 2), (k // 2, k // 2)))
     if demodulate:
-        w2 = jnp.sum(jnp.square(weight.astype(jnp.float32)), axis=(0, 1))  # [I, O]
-        d = jax.lax.rsqrt(jnp.square(style.astype(jnp.float32)) @ w2 + 1e-8)  # [B, O]
+        w2 = jnp.sum(jnp.square(as_float(weight)), axis=(0, 1))  # [I, O]
+        d = jax.lax.rsqrt(jnp.square(as_float(style)) @ w2 + 1e-8)  # [B, O]
         y = y * d[:, None, None, :].astype(y.dtype)
     return y
 

@@ -91,13 +91,14 @@ def random_key_vectors(rng, n: int, key_path: str, dim: int = 512) -> jax.Array:
     return keys_lib.official_key_seed(rng, n, dim)
 
 
-def draw_keys(nets: pipeline.Nets, rng, first_example, n: int, group: int):
+def draw_keys(nets: pipeline.Nets, rng, first_example, n: int, group: int, dtype=jnp.float32):
     """Keys (k1, k2), each [n, 512], for the examples first_example .. first_example + n - 1 of
-    the global batch; examples in one group of `group` consecutive positions share them."""
+    the global batch; examples in one group of `group` consecutive positions share them. f runs
+    in `dtype` (the images', so float64 in a float64 computation; the seeds are exact in both)."""
     groups = (first_example + jnp.arange(n)) // group
     u = jax.vmap(lambda j: random_key_vectors(jax.random.fold_in(rng, j), 2,
                                               nets.conventions.key_path))(groups)  # [n, 2, 512]
-    k = pipeline.key_from_vector(nets, u.reshape(2 * n, -1)).reshape(n, 2, -1)
+    k = pipeline.key_from_vector(nets, u.reshape(2 * n, -1).astype(dtype)).reshape(n, 2, -1)
     k = jax.lax.stop_gradient(k)
     return k[:, 0], k[:, 1]
 
@@ -133,7 +134,7 @@ def compute(obj: Objective, nets: pipeline.Nets, loss_nets: losses.LossNets, x, 
 
     if w.phase2:
         b = x.shape[0]
-        k1, k2 = draw_keys(nets, rng, first_example, b, obj.key_group)
+        k1, k2 = draw_keys(nets, rng, first_example, b, obj.key_group, x.dtype)
         # Passes that share networks run as one batch: one network instance in the compiled
         # step (much faster to compile) and larger batches on accelerators.
         if w.div:  # X_anon under k1 and, for L_Div, under k2
