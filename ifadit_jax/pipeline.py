@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import re
 from typing import Any
@@ -36,7 +35,7 @@ import numpy as np
 
 from ifadit_jax import flow as flow_lib
 from ifadit_jax import refine as refine_lib
-from ifadit_jax import weights
+from ifadit_jax import weights, weights_folder
 from ifadit_jax.errors import InputError, WeightsError
 from ifadit_jax.nets.mappers import latent_mapper_input
 
@@ -51,7 +50,6 @@ ROLES = {
     "parser": ("bisenet.safetensors", "bisenet"),
 }
 OPTIONAL_ROLES = ("icl", "parser")  # ablation without ICL; no refinement without a parser
-MANIFEST = "manifest.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,31 +243,11 @@ def nets_from_loaded(loaded: dict[str, Any], conventions: Conventions) -> Nets:
                 parser_vars=p_v)
 
 
-def publish_weights_folder(tmp: str, out_dir: str, conventions: str, weights_id: str,
-                           files: dict) -> dict:
-    """Writes the manifest into the finished temporary folder `tmp` and renames it onto
-    `out_dir` (replacing it), so a weights folder appears whole or not at all."""
-    manifest = {"format": "ifadit-jax-weights/1", "conventions": conventions,
-                "weights_id": weights_id, "files": files}
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    if os.path.exists(out_dir):
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-    return manifest
-
-
 def load(weights_dir: str | os.PathLike) -> Pipeline:
     """Loads a weights folder (see `ports/convert_ifadit.py release`)."""
     weights_dir = os.fspath(weights_dir)
-    path = os.path.join(weights_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise WeightsError(f"{weights_dir}: not an ifadit-jax weights folder (no {MANIFEST}; make "
-                           "one with: python ports/convert_ifadit.py release SRC_DIR OUT_DIR)")
-    with open(path) as f:
-        manifest = json.load(f)
+    manifest = weights_folder.read_manifest(weights_dir)
+    path = os.path.join(weights_dir, weights_folder.MANIFEST)
     conventions = CONVENTIONS.get(manifest.get("conventions", ""))
     if conventions is None:
         raise WeightsError(f"{path}: unknown conventions {manifest.get('conventions')!r}")

@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 
-from ifadit_jax import pipeline, weights
+from ifadit_jax import pipeline, weights_folder
 from ifadit_jax.errors import InputError, WeightsError
 
 SOURCES = {
@@ -79,30 +75,15 @@ def find_sources(src_dir: str) -> dict[str, str]:
 
 def convert_release(src_dir: str, out_dir: str, force: bool = False) -> dict:
     """Converts every official file and writes OUT_DIR atomically. Returns the manifest."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    if not os.path.isdir(parent):
-        raise InputError(f"output directory does not exist: {parent}")
-    if os.path.exists(out_dir) and not force:
-        raise InputError(f"output exists, not overwriting (use --force): {out_dir}")
     sources = find_sources(src_dir)
-    tmp = tempfile.mkdtemp(prefix=".tmp-release-", dir=parent)
-    try:
-        files = {}
-        for role, src in sources.items():
-            name, kind = pipeline.ROLES[role]
-            variables, meta = _converter(role)(src)
-            if meta.kind != kind:
-                raise WeightsError(f"{src}: converted to a '{meta.kind}' network, expected '{kind}'")
-            weights.save(os.path.join(tmp, name), variables, meta)
-            files[role] = {"file": name, "kind": kind, "source_file": meta.source_file,
-                           "source_sha256": meta.source_sha256, "config": meta.config}
-        ident = hashlib.sha256(json.dumps(
-            {r: f["source_sha256"] for r, f in sorted(files.items())}).encode()).hexdigest()[:16]
-        return pipeline.publish_weights_folder(tmp, out_dir, pipeline.OFFICIAL.name, ident, files)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+    networks = {}
+    for role, src in sources.items():
+        name, kind = pipeline.ROLES[role]
+        variables, meta = _converter(role)(src)
+        if meta.kind != kind:
+            raise WeightsError(f"{src}: converted to a '{meta.kind}' network, expected '{kind}'")
+        networks[role] = (name, variables, meta)
+    return weights_folder.write(out_dir, networks, pipeline.OFFICIAL.name, force=force)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

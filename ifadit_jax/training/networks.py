@@ -31,10 +31,7 @@ takes their weights out of `Nets` as one dict {role: params}, the pytree the opt
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -42,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax import flow as flow_lib
-from ifadit_jax import losses, pipeline, weights
+from ifadit_jax import losses, pipeline, weights, weights_folder
 from ifadit_jax.errors import InputError, WeightsError
 
 TRAINABLE_ROLES = ("attr_encoder", "mapper", "flow", "icl")
@@ -313,23 +310,9 @@ def role_variables(nets: pipeline.Nets, role: str) -> dict:
 
 def export_weights(nets: pipeline.Nets, roles: dict, out_dir: str, description: str) -> str:
     """Writes `nets` as a weights folder that `pipeline.load` reads (one file per role and
-    manifest.json), atomically: a temporary folder renamed into place. Returns the weights id."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    tmp = tempfile.mkdtemp(prefix=".tmp-weights-", dir=parent)
-    try:
-        files, digest = {}, hashlib.sha256()
-        for role, (kind, config, extra) in sorted(roles.items()):
-            name = pipeline.ROLES[role][0]
-            variables = {**role_variables(nets, role), **extra}
-            for key, arr in sorted(weights.flatten(variables).items()):
-                digest.update(key.encode())
-                digest.update(np.ascontiguousarray(arr).tobytes())
-            weights.save(os.path.join(tmp, name), variables,
-                         weights.Meta(kind=kind, config=config, source_file=description))
-            files[role] = {"file": name, "kind": kind, "source_file": description, "config": config}
-        ident = digest.hexdigest()[:16]
-        pipeline.publish_weights_folder(tmp, out_dir, nets.conventions.name, ident, files)
-        return ident
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+    manifest.json), atomically. Returns the weights id."""
+    networks = {role: (pipeline.ROLES[role][0], {**role_variables(nets, role), **extra},
+                       weights.Meta(kind=kind, config=config, source_file=description))
+                for role, (kind, config, extra) in roles.items()}
+    manifest = weights_folder.write(out_dir, networks, nets.conventions.name, force=True)
+    return manifest["weights_id"]
