@@ -187,17 +187,17 @@ class _PendingTensor:
 
 def _materialize(tensor: _PendingTensor, ctx: _Context, where: str) -> Any:
     """Copies a tensor out of its storage after proving every element it touches is inside."""
-    flat = tensor.storage.array(ctx)
-    size, offset = tensor.size, tensor.offset
+    storage, offset, size, stride = _check_view(tensor, ctx, where)
+    flat = storage.array(ctx)
     numel = math.prod(size)
     ctx.charge(numel * flat.dtype.itemsize, where)
     if numel == 0:
         return np.zeros(size, flat.dtype)
     # A dimension of extent 1 never moves, so its stride is irrelevant (and may be anything).
-    stride = tuple(0 if s == 1 else st for s, st in zip(size, tensor.stride))
+    stride = tuple(0 if s == 1 else st for s, st in zip(size, stride))
     last = offset + sum((s - 1) * st for s, st in zip(size, stride))
     if offset >= flat.size or last >= flat.size:
-        raise ctx.fail(f"{where} reaches element {last} of storage {tensor.storage.key!r}, "
+        raise ctx.fail(f"{where} reaches element {last} of storage {storage.key!r}, "
                        f"which holds {flat.size} (truncated or hostile checkpoint)")
     if not size:
         return flat[offset].copy()
@@ -205,6 +205,18 @@ def _materialize(tensor: _PendingTensor, ctx: _Context, where: str) -> Any:
     view = np.lib.stride_tricks.as_strided(
         flat[offset:], shape=size, strides=[st * item for st in stride], writeable=False)
     return np.array(view, copy=True)
+
+
+def _check_view(tensor: _PendingTensor, ctx: _Context, where: str):
+    """The rebuild arguments as the file gave them, checked in type and sign."""
+    if not isinstance(tensor.storage, _Storage):
+        raise ctx.fail(f"{where} is rebuilt from a {_name(tensor.storage)} instead of a storage")
+    offset = _check_int(tensor.offset, f"{where}: storage offset", ctx, MAX_DIM * MAX_DIM)
+    size = _check_shape(tensor.size, f"{where}: size", ctx)
+    stride = _check_shape(tensor.stride, f"{where}: stride", ctx)
+    if len(size) != len(stride):
+        raise ctx.fail(f"{where} has {len(size)} sizes but {len(stride)} strides")
+    return tensor.storage, offset, size, stride
 
 
 class PersistentRecord(dict):
@@ -238,20 +250,13 @@ def _check_int(value, what: str, ctx: _Context, limit: int) -> int:
 
 def _check_shape(values, what: str, ctx: _Context) -> tuple:
     if not isinstance(values, (tuple, list)) or len(values) > MAX_NDIM:
-        raise ctx.fail(f"tensor {what} must be a tuple of at most {MAX_NDIM} integers")
-    return tuple(_check_int(v, f"tensor {what}", ctx, MAX_DIM) for v in values)
+        raise ctx.fail(f"{what} must be a tuple of at most {MAX_NDIM} integers")
+    return tuple(_check_int(v, what, ctx, MAX_DIM) for v in values)
 
 
-def _rebuild_tensor(ctx: _Context):
-    def rebuild(storage=None, storage_offset=None, size=None, stride=None, *unused):
-        if not isinstance(storage, _Storage):
-            raise ctx.fail(f"tensor rebuilt from a {_name(storage)} instead of a storage")
-        offset = _check_int(storage_offset, "tensor storage offset", ctx, MAX_DIM * MAX_DIM)
-        size, stride = _check_shape(size, "size", ctx), _check_shape(stride, "stride", ctx)
-        if len(size) != len(stride):
-            raise ctx.fail(f"tensor has {len(size)} sizes but {len(stride)} strides")
-        return _PendingTensor(storage, offset, size, stride)
-    return rebuild
+def _rebuild_tensor(storage=None, storage_offset=None, size=None, stride=None, *unused):
+    # Checked when finalized, where the error can name the tensor's key.
+    return _PendingTensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(ctx: _Context):
@@ -336,7 +341,7 @@ def _load_from_bytes(ctx: _Context):
 
 def _allowed_globals(ctx: _Context, embedded: bool = False) -> dict[tuple[str, str], Any]:
     """A fresh table for every pickle: nothing a file does to a stand-in can reach another."""
-    rebuild = _rebuild_tensor(ctx)
+    rebuild = _rebuild_tensor
     table: dict[tuple[str, str], Any] = {
         ("torch._utils", "_rebuild_tensor"): rebuild,
         ("torch._utils", "_rebuild_tensor_v2"): rebuild,
@@ -767,13 +772,13 @@ def _visit_module(rec, prefix: str, out: dict, budget: _KeyBudget, depth: int) -
     tensors += [(n, v) for n, v in _named_items(state, "_buffers", prefix) if n not in skip]
     for name, value in tensors:
         if not isinstance(value, (np.ndarray, np.generic)):
-            raise CheckpointError(f"NVlabs tensor {_clean(prefix + name, 120)} is a "
+            raise CheckpointError(f"NVlabs tensor '{_clean(prefix + name, 120)}' is a "
                                   f"{type(value).__name__}, not an array")
         budget.spend(prefix + name)
         out[prefix + name] = value
     for name, child in _named_items(state, "_modules", prefix):
         if not isinstance(child, dict):
-            raise CheckpointError(f"NVlabs module {_clean(prefix + name, 120)} is a "
+            raise CheckpointError(f"NVlabs module '{_clean(prefix + name, 120)}' is a "
                                   f"{type(child).__name__}, not a record")
         _visit_module(child, f"{prefix}{name}.", out, budget, depth + 1)
 
@@ -786,8 +791,8 @@ def flatten_state_dict(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def _flatten(tree: Any, prefix: str, out: dict, budget: _KeyBudget, depth: int) -> None:
+    budget.spend(prefix)  # every node, dropped leaves too: a shared subtree repeats them all
     if isinstance(tree, np.ndarray):
-        budget.spend(prefix)
         out[prefix[:-1]] = tree
     elif isinstance(tree, dict):
         if depth >= MAX_DEPTH:

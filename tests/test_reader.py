@@ -224,3 +224,237 @@ def test_nvlabs_pickle_flattens_like_state_dict():
     # G and G_ema differ (the training copy was perturbed); both are readable.
     g = nvlabs_state_dict(ckpt["G"])
     assert not np.array_equal(g["synthesis.b4.conv1.weight"], sd["synthesis.b4.conv1.weight"])
+
+
+# ---- Hostile files (issue 12): each class is built here, byte by byte where it must be. ----
+
+P2 = b"\x80\x02"  # protocol 2 header of a hand-written pickle
+
+
+def _zip_raw(path, pkl: bytes, storages=None, compress=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/byteorder", "little")
+        for key, raw in (storages or {}).items():
+            z.writestr(f"archive/data/{key}", raw, compress_type=compress)
+
+
+def _rewrite_zip(src, dst, replace):
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w") as b:
+        for info in a.infolist():
+            b.writestr(info.filename, replace.get(info.filename, a.read(info.filename)))
+
+
+def _one_view(tmp_path, g, offset, size, stride, numel=12):
+    path = tmp_path / "view.pt"
+    obj = {"w_avg": _tensor(g, _StorageRef("0", "FloatStorage", numel), offset, size, stride)}
+    _write_zip(path, obj, {"0": np.arange(numel, dtype=np.float32)}, g)
+    return path
+
+
+@pytest.mark.parametrize("offset,size,stride,match", [
+    (0, (12,), (-1,), "stride must be an integer in"),    # backwards from element 0: the heap
+    (11, (12,), (-1,), "stride must be an integer in"),   # backwards but inside: still refused
+    (0, (4,), (-2 ** 40,), "stride must be an integer in"),  # was a segfault
+    (-1, (2,), (1,), "offset must be an integer in"),
+    (0, (13,), (1,), "reaches element 12 of storage '0', which holds 12"),
+    (12, (), (), "reaches element 12"),
+    (0, (3, 5), (4, 1), "reaches element 12"),           # last = 2*4 + 4*1
+    (2 ** 70, (1,), (1,), "reaches element"),
+    (0, (2, 2, 2), (4, 1), "3 sizes but 2 strides"),
+    (0, (1.5,), (1,), "size must be an integer in"),
+    ("0", (2,), (1,), "offset must be an integer in"),
+    (0, (2,) * 40, (0,) * 40, "at most 32 integers"),
+])
+def test_views_outside_their_storage_are_refused(tmp_path, torch_globals, offset, size, stride, match):
+    path = _one_view(tmp_path, torch_globals, offset, size, stride)
+    with pytest.raises(CheckpointError, match=match) as err:
+        read_checkpoint(path)
+    assert str(path) in str(err.value) and "'w_avg'" in str(err.value)
+
+
+def test_views_that_stay_inside_read_exactly(tmp_path, torch_globals):
+    # Extent-1 dims may carry any stride (torch writes whatever it had); a zero-size tensor
+    # needs no storage; the last element of the storage is reachable.
+    path = _one_view(tmp_path, torch_globals, 11, (1, 1), (2 ** 39, 7))
+    np.testing.assert_array_equal(read_checkpoint(path)["w_avg"], [[11.0]])
+    path = _one_view(tmp_path, torch_globals, 12, (0, 5), (5, 1))
+    assert read_checkpoint(path)["w_avg"].shape == (0, 5)
+    path = _one_view(tmp_path, torch_globals, 3, (3, 3), (3, 1))
+    np.testing.assert_array_equal(read_checkpoint(path)["w_avg"], np.arange(3, 12).reshape(3, 3))
+
+
+def test_storage_size_must_match_its_record(tmp_path, torch_globals):
+    g = torch_globals
+    path = tmp_path / "short.pt"
+    # The header announces 13 floats; the record holds 12 (48 bytes).
+    _write_zip(path, {"w": _tensor(g, _StorageRef("0", "FloatStorage", 13), 0, (12,), (1,))},
+               {"0": np.zeros(12, np.float32)}, g)
+    with pytest.raises(CheckpointError, match="storage '0' holds 48 bytes, its header announces 13"):
+        read_checkpoint(path)
+    # Legacy: the element count before the raw bytes disagrees with the pickled one.
+    legacy = tmp_path / "legacy.pt"
+    obj = {"w": _tensor(g, _StorageRef("k0", "FloatStorage", 5), 0, (5,), (1,))}
+    _write_legacy(legacy, obj, {"k0": np.zeros(6, np.float32)}, g)
+    with pytest.raises(CheckpointError, match="storage 'k0' holds 6 elements, its header announces 5"):
+        read_checkpoint(legacy)
+
+
+def test_stride_zero_expansion_is_bounded_by_the_bytes_in_the_file(tmp_path, torch_globals):
+    # One float expanded to 2^30 elements (4 GiB) by stride 0: refused before allocating.
+    path = _one_view(tmp_path, torch_globals, 0, (2 ** 15, 2 ** 15), (0, 0), numel=1)
+    with pytest.raises(CheckpointError, match=r"'w_avg' would allocate 4294967296 bytes"):
+        read_checkpoint(path)
+    # A small broadcast (within the 16 MiB slack) is a legitimate tensor.
+    path = _one_view(tmp_path, torch_globals, 0, (4, 3), (0, 1), numel=3)
+    np.testing.assert_array_equal(read_checkpoint(path)["w_avg"], np.tile(np.arange(3.0), (4, 1)))
+
+
+def test_many_views_of_one_storage_share_one_budget(tmp_path, torch_globals):
+    g = torch_globals
+    n = 2 ** 18  # 1 MiB of float32; 20 separate full views would copy 20 MiB
+    path = tmp_path / "views.pt"
+    obj = {f"w{i}": _tensor(g, _StorageRef("0", "FloatStorage", n), 0, (n,), (1,)) for i in range(20)}
+    _write_zip(path, obj, {"0": np.zeros(n, np.float32)}, g)
+    with pytest.raises(CheckpointError, match="more than the file's storages hold"):
+        read_checkpoint(path)
+    # One tensor referenced twice (tied weights) is copied once and shared.
+    one = _tensor(g, _StorageRef("0", "FloatStorage", n), 0, (n,), (1,))
+    _write_zip(path, {f"w{i}": one for i in range(20)}, {"0": np.zeros(n, np.float32)}, g)
+    out = read_checkpoint(path)
+    assert out["w0"] is out["w19"] and out["w0"].shape == (n,)
+
+
+def test_zip_bomb_is_refused_before_inflating(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.pt"
+    pkl = (P2 + b"ctorch._utils\n_rebuild_tensor_v2\n(X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
+           b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuJ\x00\x00\x00\x02tQK\x00J\x00\x00\x00\x02\x85K\x01"
+           b"\x85\x89}tR.")
+    _zip_raw(path, pkl, {"0": bytes(2 ** 25)}, compress=zipfile.ZIP_DEFLATED)  # 32 MiB -> 32 KiB
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open",
+                        lambda self, name, *a, **k: opened.append(getattr(name, "filename", name))
+                        or real_open(self, name, *a, **k))
+    with pytest.raises(CheckpointError, match=r"'archive/data/0' would inflate more than 4x"):
+        read_checkpoint(path)
+    assert "archive/data/0" not in opened
+
+
+@pytest.mark.parametrize("pkl,match", [
+    (P2 + b"K\x01r\x00\x00\x00\x10.", "memo index 268435456 larger than the pickle"),
+    (P2 + b"h\x05.", "memo index 5 read before it is written"),
+    (P2 + b"K\x01\x82\x01.", "opcode EXT1 refused"),
+    (P2 + b"\xff.", "unreadable or truncated checkpoint"),
+    (P2 + b"K\x01", "unreadable or truncated checkpoint"),
+])
+def test_hostile_pickle_opcodes(tmp_path, pkl, match):
+    path = tmp_path / "ops.pkl"
+    path.write_bytes(pkl)
+    with pytest.raises(CheckpointError, match=match):
+        read_checkpoint(path)
+
+
+@pytest.mark.timeout(120)
+def test_billion_laughs_stays_linear(tmp_path):
+    # Level i is [level i-1, level i-1]: 2^40 leaves if every reference were copied.
+    ops = [P2, b"K\x01q\x00"]
+    for i in range(1, 41):
+        ops.append(b"(h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"lq" + bytes([i]))
+    path = tmp_path / "laughs.pkl"
+    path.write_bytes(b"".join(ops) + b".")
+    out = read_checkpoint(path)
+    assert out[0] is out[1]
+    node = out
+    for _ in range(39):
+        node = node[0]
+    assert node == [1, 1]
+
+
+@pytest.mark.timeout(120)
+def test_shared_subtrees_cannot_blow_up_the_key_walks():
+    leaf = {"x" * 4096: np.zeros(1, np.float32)}
+    tree, record = leaf, PersistentRecord(state={"_parameters": {"p" * 4096: np.zeros(1)}})
+    for _ in range(40):
+        tree = {"a": tree, "b": tree}
+        record = PersistentRecord(state={"_modules": {"a": record, "b": record}})
+    with pytest.raises(CheckpointError, match="characters of keys"):
+        from ports.reader import flatten_state_dict
+        flatten_state_dict(tree)
+    with pytest.raises(CheckpointError, match="characters of keys"):
+        nvlabs_state_dict(record)
+
+
+@pytest.mark.parametrize("pkl,match", [
+    (P2 + b"]" * 100_000 + b"a" * 99_999 + b".", "nested deeper than 64 levels"),
+    (P2 + b"}K\x00" + b"\x85" * 100_000 + b"K\x01s.", "dict or set key of type tuple refused"),
+    (P2 + b"]q\x00h\x00a.", "contains itself"),
+    (P2 + b"}q\x00X\x01\x00\x00\x00ah\x00s.", "contains itself"),
+    (P2 + b"c_codecs\nencode\nX\x03\x00\x00\x00abcX\x0a\x00\x00\x00no-such-cd\x86R.",
+     "codec 'no-such-cd' refused"),
+    (P2 + b"c_codecs\nencode\nX\x03\x00\x00\x00abcX\x05\x00\x00\x00rot13\x86R.", "codec 'rot13'"),
+    (P2 + b"ctorch\nFloatStorage\n)\x81.", "NEWOBJ of a _StorageType refused"),
+    (P2 + b"ctorch._utils\n_rebuild_parameter\nK\x01\x85R.", "instead of a tensor"),
+    (P2 + b"cnumpy\ndtype\nX\x01\x00\x00\x00O\x85R.", "numpy dtype 'O' refused"),
+    (P2 + b"ctorch\nFloatStorage\n.", "unexpected _StorageType at the top level"),
+    (P2 + b"ctorch_utils.persistence\n_reconstruct_persistent_obj\nK\x01\x85R.",
+     "NVlabs record built from a 1"),
+])
+def test_hostile_structures_are_one_checkpoint_error(tmp_path, pkl, match):
+    path = tmp_path / "hostile.pkl"
+    path.write_bytes(pkl)
+    with pytest.raises(CheckpointError, match=match) as err:
+        read_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+
+
+def test_wrong_types_in_tensor_rebuild(tmp_path, torch_globals):
+    path = tmp_path / "types.pt"
+    g = torch_globals
+    _write_zip(path, {"k": _Call(g["rebuild"], ("not a storage", 0, (1,), (1,), False, {}))}, {}, g)
+    with pytest.raises(CheckpointError, match="'k' is rebuilt from a 'not a storage' instead"):
+        read_checkpoint(path)
+
+
+def test_nvlabs_records_of_the_wrong_shape(tmp_path):
+    with pytest.raises(CheckpointError, match="not an NVlabs network record"):
+        nvlabs_state_dict(PersistentRecord(type="class"))
+    with pytest.raises(CheckpointError, match="has no state dict"):
+        nvlabs_state_dict(PersistentRecord(state={"_modules": {"m": PersistentRecord(type="x")}}))
+    with pytest.raises(CheckpointError, match="_modules is a list"):
+        nvlabs_state_dict(PersistentRecord(state={"_modules": [1]}))
+    with pytest.raises(CheckpointError, match="'w' is a str, not an array"):
+        nvlabs_state_dict(PersistentRecord(state={"_parameters": {"w": "zzz"}}))
+
+
+def _mapper_with_storage_build(tmp_path):
+    """The issue's example: one BUILD on the shared storage-type stand-in (this file's tensors
+    are float16), giving it a big-endian dtype."""
+    src = fixture("ifadit_mlp_latent_mapper.pth")
+    with zipfile.ZipFile(src) as z:
+        name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+        pkl = z.read(name)
+    glob_op = b"ctorch\nHalfStorage\n"
+    assert glob_op in pkl
+    build = b"}X\x05\x00\x00\x00dtypeX\x03\x00\x00\x00>f2sb"
+    hostile = tmp_path / "hostile.pth"
+    _rewrite_zip(src, hostile, {name: pkl.replace(glob_op, glob_op + build, 1)})
+    return hostile
+
+
+def test_no_state_carried_from_a_hostile_file_to_the_next(tmp_path):
+    good = fixture("ifadit_mlp_latent_mapper.pth")
+    alone = read_checkpoint(good)
+    with pytest.raises(CheckpointError, match="BUILD on a _StorageType refused"):
+        read_checkpoint(_mapper_with_storage_build(tmp_path))
+    # numpy's dtype singletons are not touched either (numpy pickles a dtype with BUILD).
+    dtype_pkl = tmp_path / "dtype.pkl"
+    dtype_pkl.write_bytes(pickle.dumps(np.dtype(">f8"), protocol=2))
+    with pytest.raises(CheckpointError, match="numpy dtype state refused"):
+        read_checkpoint(dtype_pkl)
+    assert np.dtype("f8").byteorder == "=" and np.dtype("f4").byteorder == "="
+    after = read_checkpoint(good)
+    assert list(after) == list(alone)
+    for key in alone:
+        assert after[key].dtype == alone[key].dtype == np.float16
+        assert after[key].tobytes() == alone[key].tobytes()
