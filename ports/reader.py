@@ -512,7 +512,7 @@ def _storage_type(obj, ctx: _Context) -> np.dtype:
 def _storage_pid(pid, ctx: _Context, length: int):
     """(dtype, key, numel, rest) of a persistent id ('storage', type, key, location, numel, ...)."""
     if not (isinstance(pid, tuple) and len(pid) == length and pid[0] == "storage"):
-        raise ctx.fail(f"unexpected persistent id of type {type(pid).__name__}")
+        raise ctx.fail(f"unexpected persistent id (a {type(pid).__name__}, not a storage reference)")
     _, storage_type, key, _location, numel = pid[:5]
     if not isinstance(key, str) or not _STORAGE_KEY.fullmatch(key):
         raise ctx.fail(f"storage key {_name(key)} refused")
@@ -607,11 +607,11 @@ def _zip_persistent_load(archive, prefix: str, ctx: _Context, storages: dict):
     return load
 
 
-def _read_zip(path: str, ctx: _Context) -> Any:
-    with zipfile.ZipFile(path) as archive:
+def _read_zip(stream, size: int, ctx: _Context) -> Any:
+    with zipfile.ZipFile(stream) as archive:
         if len(archive.infolist()) > MAX_ZIP_MEMBERS:
             raise ctx.fail(f"zip file with more than {MAX_ZIP_MEMBERS} members")
-        ctx.zip_budget = os.path.getsize(path) * MAX_INFLATE_RATIO + ALLOC_SLACK
+        ctx.zip_budget = size * MAX_INFLATE_RATIO + ALLOC_SLACK
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
         if not pickles:
@@ -698,12 +698,15 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     """
     path = os.fspath(path)
     ctx = _Context(path)
-    if not os.path.isfile(path):
-        raise ctx.fail("no such file")
+    if not os.path.isfile(path):  # follows symlinks: a FIFO or device is refused here
+        raise ctx.fail("not a regular file" if os.path.lexists(path) else "no such file")
     try:
-        if zipfile.is_zipfile(path):
-            return _read_zip(path, ctx)
         with open(path, "rb") as f:
+            # torch writes zip checkpoints from the first byte; sniffing the end (as
+            # `zipfile.is_zipfile` does) could take a legacy file's raw floats for a zip.
+            if f.read(4) == b"PK\x03\x04":
+                return _read_zip(f, os.fstat(f.fileno()).st_size, ctx)
+            f.seek(0)
             data = f.read()
         if len(data) < 3 or data[0] != 0x80:
             raise ctx.fail("not a PyTorch checkpoint or network pickle")

@@ -179,6 +179,12 @@ def test_not_a_checkpoint(tmp_path):
         read_checkpoint(p)
     with pytest.raises(CheckpointError, match="no such file"):
         read_checkpoint(tmp_path / "missing.pt")
+    # A FIFO would block a reader forever; a folder is no file either.
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            read_checkpoint(path)
 
 
 def test_truncated_zip(tmp_path):
@@ -458,3 +464,14 @@ def test_no_state_carried_from_a_hostile_file_to_the_next(tmp_path):
     for key in alone:
         assert after[key].dtype == alone[key].dtype == np.float16
         assert after[key].tobytes() == alone[key].tobytes()
+
+
+def test_recompressed_zip_reads_exactly(tmp_path):
+    """A real checkpoint re-zipped with deflate (torch stores members) is within the ratio caps."""
+    src = fixture("ifadit_icl_fusion_mapper10.pth")
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(tmp_path / "re.pth", "w", zipfile.ZIP_DEFLATED) as b:
+        for info in a.infolist():
+            b.writestr(info.filename, a.read(info.filename))
+    want, got = read_checkpoint(src), read_checkpoint(tmp_path / "re.pth")
+    assert list(got) == list(want) and len(want) == 8
+    assert all(got[k].tobytes() == want[k].tobytes() for k in want)
