@@ -119,11 +119,11 @@ def _name(obj) -> str:
 class _Context:
     """Everything one read knows: the source name and its byte budgets. Never shared by reads."""
 
-    def __init__(self, source: str, zip_budget: int = 0):
+    def __init__(self, source: str):
         self.source = source
-        self.storage_bytes = 0
-        self.materialized = 0
-        self.zip_budget = zip_budget
+        self.storage_bytes = 0  # bytes of the storages read from the file so far
+        self.materialized = 0  # bytes of the tensors copied out of them so far
+        self.zip_budget = 0  # bytes zip members may still inflate to
 
     def fail(self, what: str) -> CheckpointError:
         return CheckpointError(f"{self.source}: {_clean(what)}")
@@ -179,7 +179,8 @@ class _ViewStorage(_Storage):
 
 
 class _PendingTensor:
-    """A strided view into a storage, validated in type at rebuild and in bounds at finalize."""
+    """A strided view into a storage, exactly as the file describes it: nothing is checked at
+    rebuild time, everything in `_check_view` when finalized, where the tensor's key is known."""
 
     def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
@@ -327,14 +328,21 @@ def _persistent_record(ctx: _Context):
 
 
 def _load_from_bytes(ctx: _Context):
+    # One blob referenced many times (a memo get costs two bytes) is one storage, so that its
+    # bytes count once in the allocation budget.
+    loaded: dict[int, tuple[bytes, _Storage]] = {}
+
     def load(blob=None, *unused):
         if not isinstance(blob, bytes):
             raise ctx.fail(f"embedded storage is a {_name(blob)}, not bytes")
+        if id(blob) in loaded:
+            return loaded[id(blob)][1]
         storage = _read_legacy(blob, ctx, embedded=True)
         if isinstance(storage, _PendingTensor):
             storage = storage.storage
         if not isinstance(storage, _Storage):
             raise ctx.fail(f"embedded storage holds a {_name(storage)}, not a storage")
+        loaded[id(blob)] = (blob, storage)
         return storage
     return load
 

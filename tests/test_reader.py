@@ -475,3 +475,27 @@ def test_recompressed_zip_reads_exactly(tmp_path):
     want, got = read_checkpoint(src), read_checkpoint(tmp_path / "re.pth")
     assert list(got) == list(want) and len(want) == 8
     assert all(got[k].tobytes() == want[k].tobytes() for k in want)
+
+
+def test_one_embedded_storage_blob_counts_once_in_the_budget(tmp_path, torch_globals):
+    """NVlabs pickles embed each storage as a legacy blob; referencing one blob 20 times must
+    not make its bytes count 20 times in the allocation budget."""
+    g = torch_globals
+    n = 2 ** 18  # 1 MiB of float32
+    blob_path = tmp_path / "blob"
+    _write_legacy(blob_path, _StorageRef("k0", "FloatStorage", n), {"k0": np.ones(n, np.float32)}, g)
+    blob = blob_path.read_bytes()
+    load = _register(_global("torch.storage", "_load_from_bytes"))
+    path = tmp_path / "net.pkl"
+
+    def dump(count):
+        views = {f"w{i}": _Call(g["rebuild"], (_Call(load, (blob,)), 0, (n,), (1,), False, {}))
+                 for i in range(count)}
+        path.write_bytes(pickle.dumps(views, protocol=4))
+
+    dump(2)
+    out = read_checkpoint(path)
+    assert out["w1"].shape == (n,) and (out["w1"] == 1).all()
+    dump(20)
+    with pytest.raises(CheckpointError, match="more than the file's storages hold"):
+        read_checkpoint(path)
