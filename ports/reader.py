@@ -444,7 +444,7 @@ class _Unpickler(pickle._Unpickler):
 
     def _set_items(self, items: list):
         target = self.stack[-1]
-        if type(target) not in (dict, collections.OrderedDict, _Namespace, PersistentRecord) \
+        if type(target) not in (dict, collections.OrderedDict, _Namespace) \
                 or len(items) % 2:
             raise self._ctx.fail(f"pickle SETITEM on a {type(target).__name__} refused")
         for i in range(0, len(items), 2):
@@ -564,7 +564,11 @@ def _finalize_one(obj, ctx: _Context, memo: dict, path: tuple):
         return obj.resolve()
     if isinstance(obj, dict):
         items = {k: _finalize(v, ctx, memo, path + (k,)) for k, v in obj.items()}
-        return PersistentRecord(items) if isinstance(obj, PersistentRecord) else items
+        if not isinstance(obj, PersistentRecord):
+            return items
+        if not isinstance(items.get("state"), dict):  # every consumer reads record["state"]
+            raise ctx.fail(f"NVlabs record at {_where(path)} has no state dict")
+        return PersistentRecord(items)
     if isinstance(obj, (list, tuple)):
         items = [_finalize(v, ctx, memo, path + (i,)) for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else tuple(items)

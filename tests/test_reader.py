@@ -405,6 +405,8 @@ def test_shared_subtrees_cannot_blow_up_the_key_walks():
     (P2 + b"ctorch\nFloatStorage\n.", "unexpected _StorageType at the top level"),
     (P2 + b"ctorch_utils.persistence\n_reconstruct_persistent_obj\nK\x01\x85R.",
      "NVlabs record built from a 1"),
+    (P2 + b"ctorch_utils.persistence\n_reconstruct_persistent_obj\n}X\x04\x00\x00\x00typeK\x01s\x85R.",
+     "NVlabs record at the top level has no state dict"),
 ])
 def test_hostile_structures_are_one_checkpoint_error(tmp_path, pkl, match):
     path = tmp_path / "hostile.pkl"

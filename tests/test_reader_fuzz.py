@@ -205,7 +205,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
-_PLAIN = (type(None), bool, int, float, complex, str, bytes, np.generic, set, frozenset)
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, np.generic, np.dtype, set, frozenset)
 
 
 def _well_formed(tree, seen: dict) -> bool:
