@@ -108,11 +108,18 @@ _FLAT_KEYS = (str, bytes, int, float, bool, type(None))
 
 def _clean(text: str, limit: int = 300) -> str:
     """One printable line: file-controlled text must not carry terminal escapes or newlines."""
-    text = "".join(c if c.isprintable() else "?" for c in str(text))
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    text = str(text)
+    cut = len(text) > limit
+    text = "".join(c if c.isprintable() else "?" for c in text[:limit - 3 if cut else limit])
+    return text + "..." if cut else text
 
 
 def _name(obj) -> str:
+    """A short description of a value from the file, never its whole (possibly huge) text."""
+    if isinstance(obj, (str, bytes)):
+        return _clean(repr(obj[:80]), 80)
+    if isinstance(obj, int) and obj.bit_length() > 64:  # repr of a huge int is slow or refused
+        return f"a {obj.bit_length()}-bit integer"
     return _clean(repr(obj) if isinstance(obj, _FLAT_KEYS) else type(obj).__name__, 80)
 
 
