@@ -15,26 +15,29 @@ storage; no other exception leaves `read_checkpoint`):
 
 * No read outside a storage: every tensor view is checked before memory is touched (offset and
   strides >= 0 and Python-int arithmetic, so no overflow; first and last element inside the
-  storage; at most `MAX_NDIM` dimensions of at most `MAX_DIM` elements). A storage's bytes must
+  storage; at most `MAX_NDIM` (32) dimensions of at most `MAX_DIM` (2^40) elements). A storage's bytes must
   equal exactly what its record holds (zip member or legacy stream) and what its header announces.
 * Allocation budget: all tensors of one file together may not take more than the bytes of the
   storages really present in it plus `ALLOC_SLACK` (16 MiB), so stride-0 or overlapping views
   cannot expand a small file into a large array. Shared tensors and containers are finalized once
   (memoized by identity), so a "billion laughs" pickle stays linear; cycles are refused.
-* Zip members: at most `MAX_ZIP_MEMBERS` entries, only stored or deflated members, each member's
+* Only regular files are read (no FIFO or device); a zip checkpoint is recognized by its first
+  four bytes. Zip members: at most `MAX_ZIP_MEMBERS` (100,000) entries, only stored or deflated members, each member's
   declared size at most `MAX_INFLATE_RATIO` (4) times its compressed size plus 64 KiB, and all
   members read together at most 4x the archive's size plus 16 MiB; checked before inflating, and
   the bytes actually inflated are bounded by the declared size and must equal it.
 * Pickles: each is pre-scanned opcode by opcode (bounded by its length) before unpickling: at most
   `MAX_PICKLE_OPS` (2,000,000) opcodes; a memo index is never larger than the number of opcodes
   before it, and never read before it is written; extension-registry, INST/OBJ and out-of-band
-  buffer opcodes are refused. Containers nest at most `MAX_DEPTH` (64) deep; dict and set keys must
+  buffer opcodes are refused. The opcode cap also bounds the Python objects a pickle can make
+  (about 100 bytes each, so a few hundred MB at worst). Containers nest at most `MAX_DEPTH` (64) deep; dict and set keys must
   be flat values (str, bytes, numbers, None, or short tuples of those) so hashing never recurses.
 * No state between files: every read builds its own stand-ins; BUILD (`__setstate__`) is accepted
   only on the fresh objects that need it (ordered dicts, argparse namespaces, numpy dtypes, whose
   state is validated) and refused on anything else, such as the storage-type stand-ins.
-* `flatten_state_dict` and `nvlabs_state_dict` produce at most `MAX_KEYS` (1,000,000) keys and
-  `MAX_KEY_CHARS` (64 Mi) characters of keys, and walk at most `MAX_DEPTH` levels.
+* `flatten_state_dict` and `nvlabs_state_dict` visit at most `MAX_KEYS` (1,000,000) nodes making
+  at most `MAX_KEY_CHARS` (64 Mi) characters of keys, at most `MAX_DEPTH` levels deep (a shared
+  subtree counts each time it is reached). Every NVlabs record carries a `state` dict.
 """
 
 from __future__ import annotations
