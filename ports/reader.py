@@ -26,12 +26,13 @@ storage; no other exception leaves `read_checkpoint`):
   declared size at most `MAX_INFLATE_RATIO` (4) times its compressed size plus 64 KiB, and all
   members read together at most 4x the archive's size plus 16 MiB; checked before inflating, and
   the bytes actually inflated are bounded by the declared size and must equal it.
-* Pickles: each is pre-scanned opcode by opcode (bounded by its length) before unpickling: at most
-  `MAX_PICKLE_OPS` (2,000,000) opcodes (a set-making one counts 4); a memo index is never larger than the number of opcodes
-  before it, and never read before it is written; extension-registry, INST/OBJ and out-of-band
-  buffer opcodes are refused. The opcode cap also bounds the Python objects a pickle can make
-  (measured: about 150 MB at most for 2,000,000 opcodes). Containers nest at most `MAX_DEPTH` (64) deep; dict and set keys must
-  be flat values (str, bytes, numbers, None, or short tuples of those) so hashing never recurses.
+* Pickles: each is pre-scanned opcode by opcode (bounded by its length) before unpickling: at
+  most `MAX_PICKLE_OPS` (2,000,000) opcodes, a set-making one counting 4, which also bounds the
+  Python objects a pickle can make (measured: about 150 MB at most); a memo index is never larger
+  than the number of opcodes before it, and never read before it is written; extension-registry,
+  INST/OBJ and out-of-band buffer opcodes are refused. Containers nest at most `MAX_DEPTH` (64)
+  deep; dict and set keys must be flat values (str, bytes, numbers, None, or short tuples of
+  those) so hashing never recurses.
 * No state between files: every read builds its own stand-ins; BUILD (`__setstate__`) is accepted
   only on the fresh objects that need it (ordered dicts, argparse namespaces, numpy dtypes, whose
   state is validated) and refused on anything else, such as the storage-type stand-ins.
