@@ -351,6 +351,8 @@ def test_zip_bomb_is_refused_before_inflating(tmp_path, monkeypatch):
     (P2 + b"K\x01r\x00\x00\x00\x10.", "memo index 268435456 larger than the pickle"),
     (P2 + b"h\x05.", "memo index 5 read before it is written"),
     (P2 + b"K\x01\x82\x01.", "opcode EXT1 refused"),
+    # Object count: 500,001 empty sets (each weighs 4 opcodes) pass the 2,000,000-opcode cap.
+    (b"\x80\x04" + b"\x8f" * 500_001 + b".", "more than 2000000 opcodes"),
     (P2 + b"\xff.", "unreadable or truncated checkpoint"),
     (P2 + b"K\x01", "unreadable or truncated checkpoint"),
 ])
