@@ -78,7 +78,8 @@ class KdfParams:
     def __post_init__(self):
         problems = []
         if self.algorithm != "argon2id":
-            problems.append(f"unknown KDF {self.algorithm!r} (only 'argon2id')")
+            shown = repr(self.algorithm[:40]) if isinstance(self.algorithm, str) else type(self.algorithm).__name__
+            problems.append(f"unknown KDF {shown} (only 'argon2id')")
         if not isinstance(self.salt, bytes) or not MIN_SALT_BYTES <= len(self.salt) <= MAX_SALT_BYTES:
             problems.append(f"salt must be {MIN_SALT_BYTES} to {MAX_SALT_BYTES} bytes")
         for name, limit in (("memory_cost", LIMIT_MEMORY_KIB), ("iterations", LIMIT_ITERATIONS),
@@ -121,7 +122,10 @@ class KdfParams:
             if "salt" in d:
                 if not isinstance(d["salt"], str) or len(d["salt"]) > 2 * MAX_SALT_BYTES:
                     raise ValueError("salt must be a hexadecimal string")
-                d["salt"] = bytes.fromhex(d["salt"])
+                try:
+                    d["salt"] = bytes.fromhex(d["salt"])
+                except ValueError:
+                    raise ValueError("salt must be a hexadecimal string") from None
             return cls(**d)
         except (TypeError, ValueError) as e:
             raise InputError(f"KDF parameters: {e}") from None

@@ -44,6 +44,7 @@ RECOVERED_FORMAT = "ifadit-jax-recovered/2"
 MAX_BYTES = 1 << 20
 MAX_FACES = 256
 MAX_SIDE = 65535
+MAX_COORD = 1e9  # no coordinate of a face in an image of at most MAX_SIDE pixels comes near
 CROP = 256
 SCALE_RANGE = (1 / 64, 64.0)  # photo pixels per crop pixel: faces of 4 px to 16,000 px
 FIELDS = ("format", "conventions", "weights_id", "key", "refine", "mode", "size", "faces")
@@ -100,8 +101,8 @@ def _exact(obj, want, field: str):
 
 
 def _number(obj, field: str) -> float:
-    if type(obj) not in (int, float) or not math.isfinite(obj):
-        _fail(field, "must be a finite number")
+    if type(obj) not in (int, float) or not -MAX_COORD <= obj <= MAX_COORD or not math.isfinite(obj):
+        _fail(field, f"must be a finite number of magnitude at most {MAX_COORD:g}")
     return float(obj)
 
 
