@@ -196,6 +196,8 @@ def _folder_plan(src: str, output: str, force: bool) -> Plan:
     for p, dst in pairs:
         if files.real(dst) in input_reals or files.real(sidecar.path_for(dst)) in input_reals:
             raise InputError(f"{dst} would overwrite the input {p}")
+        if files.inside(files.real(dst), src_real):  # through a symlinked folder in the output
+            raise InputError(f"{dst} lies inside the input folder {src} (through a symlink)")
         state = _owned_state(dst)
         if state == "ours":
             (plan.jobs if force else plan.done).append(Job(p, dst))
@@ -213,14 +215,10 @@ def _check_room(plan: Plan) -> None:
     """Writable output folders and enough free space, before any network runs."""
     estimate, parents = 0, set()
     for job in plan.jobs:
-        parents.add(files.nearest_existing(os.path.dirname(job.dst)))
-        try:
-            from PIL import Image
-
-            with Image.open(job.src) as im:  # header only
-                estimate += int(im.width * im.height * 3 * SPACE_FACTOR) + 4096
-        except Exception:  # noqa: BLE001 - an unreadable input fails as its own item later
-            continue
+        parents.add(files.nearest_existing(os.path.dirname(os.path.abspath(job.dst))))
+        size = imageio.header_size(job.src)  # None: the item fails on its own later
+        if size is not None:
+            estimate += int(size[0] * size[1] * 3 * SPACE_FACTOR) + 4096
     for parent in sorted(parents):
         if not os.path.isdir(parent):
             raise InputError(f"{parent} is not a folder; cannot write outputs below it")

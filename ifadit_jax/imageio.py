@@ -106,6 +106,17 @@ def read_image(path: str | os.PathLike, min_size: int = 1) -> Decoded:
     return decoded
 
 
+def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) from the file's header without decoding it; None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(os.fspath(path)) as im:
+                return im.width, im.height
+    except Exception:  # noqa: BLE001 - the caller decodes it later and reports that
+        return None
+
+
 def read_rgb(path: str | os.PathLike, min_size: int = 1) -> np.ndarray:
     """Decodes any supported image -> [H, W, 3] float32 RGB in [0, 1], EXIF orientation applied."""
     return read_image(path, min_size).rgb

@@ -396,3 +396,15 @@ def test_version_and_help(tmp_path):
     for flag in ("--no-face", "--min-face-size", "--det-threshold", "--key-check", "--device",
                  "--quiet", "--verbose", "--no-compile-cache"):
         assert flag in proc.stdout
+
+
+def test_output_reaching_into_the_input_through_a_symlinked_folder(tmp_path, weights_dir, secret_file):
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    aligned_face(photos / "sub" / "a.png", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(photos, out / "sub")  # out/sub/a.png -> photos/a.png, inside the input tree
+    with pytest.raises(InputError, match="inside the input folder"):
+        anon(photos, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF)
+    assert sorted(p.name for p in photos.rglob("*")) == ["a.png", "sub"]
