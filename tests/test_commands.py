@@ -3,6 +3,8 @@ secrets, paths that must not be overwritten, and bad input."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from PIL import Image
 
 from ifadit_jax import commands, imageio, keys, sidecar
 from ifadit_jax.errors import InputError, NoFaceError, SecretError, WeightsError
-from tests.helpers import fixture, run_cli, small_weights_folder
+from tests.helpers import ROOT, fixture, run_cli, small_weights_folder
 
 SECRET = "tr0ub4dor&3-unique-marker"
 # Fast KDF for tests: Argon2id's minimum useful cost; the CLI default is >= 50 ms.
@@ -377,11 +379,6 @@ def test_non_utf8_secret_env_is_one_line(tmp_path, weights_dir):
     env = dict(os.environ, JAX_PLATFORMS="cpu", **CLI_ENV)
     envb = {k.encode(): v.encode() for k, v in env.items()}
     envb[b"IFADIT_SECRET"] = b"\xff\xfesecret"
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
-
     proc = subprocess.run([sys.executable, "-m", "ifadit_jax.anonymize", str(src), str(tmp_path / "o.png"),
                            "--weights", str(weights_dir), "--aligned", "--secret-env", "IFADIT_SECRET",
                            *FAST_KDF], cwd=ROOT, env=envb, capture_output=True, text=True, timeout=600)
@@ -408,3 +405,14 @@ def test_output_reaching_into_the_input_through_a_symlinked_folder(tmp_path, wei
     with pytest.raises(InputError, match="inside the input folder"):
         anon(photos, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF)
     assert sorted(p.name for p in photos.rglob("*")) == ["a.png", "sub"]
+
+
+def test_recover_cli_refuses_a_device_sidecar_in_one_line(tmp_path):
+    """Through the real command line: a sidecar that is a symlink to /dev/zero is refused before
+    the weights load (the weights folder given does not exist), without blocking."""
+    src = aligned_face(tmp_path / "anon.png")
+    os.symlink("/dev/zero", tmp_path / "anon.png.json")
+    proc = run_cli("-m", "ifadit_jax.recover", str(src), str(tmp_path / "rec.png"), "--weights",
+                   str(tmp_path / "no-weights"), "--secret-env", "S", env=CLI_ENV, check=False)
+    assert proc.returncode == InputError.exit_code
+    assert proc.stderr.strip().splitlines() == [f"error: {src}.json: not a regular file"]
