@@ -89,14 +89,16 @@ def setup(args) -> None:
     """Applies --device and the compilation cache; call before the first JAX computation."""
     import jax
 
-    if args.device != "auto":
-        # JAX names the CUDA/ROCm backends "cuda"/"rocm"; "gpu" selects whichever is installed.
-        jax.config.update("jax_platforms", "cpu" if args.device == "cpu" else "cuda,rocm")
-    if args.device == "gpu":
+    if args.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")  # the GPU is not even initialized
+    elif args.device == "gpu":
+        # JAX already prefers a GPU when one works; naming "cuda,rocm" in jax_platforms instead
+        # would fail on a machine that has only one of the two plugins.
         try:
-            jax.devices()
+            jax.devices("gpu")
         except RuntimeError:
-            raise IfaditError("--device gpu: no GPU backend is available") from None
+            raise IfaditError("--device gpu: no GPU is available to JAX (install jax[cuda12], "
+                              "or use --device cpu)") from None
     if not args.no_compile_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         path = cache_dir()
         try:

@@ -61,3 +61,15 @@ def test_progress_without_a_terminal_is_plain_lines(monkeypatch):
     assert "\r" not in err.getvalue()
     err.truncate(0)
     assert list(cli.progress(range(3), quiet=True)) == [0, 1, 2] and err.getvalue() == ""
+
+
+def test_device_gpu_without_a_gpu_is_one_line():
+    proc = run_cli("-m", "ifadit_jax.demo", "--device", "gpu", "--no-compile-cache", check=False,
+                   env={"JAX_PLATFORMS": ""})
+    import jax
+
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("this machine has a GPU")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --device gpu: no GPU is available to JAX (install jax[cuda12], or use --device cpu)"]
