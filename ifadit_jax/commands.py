@@ -365,31 +365,43 @@ def _report(failures: list[tuple[str, InputError]], n: int, skipped: int, plan_:
     return 0
 
 
+def _flush(pending: list, fn, key: Key, args, make_record, refine_of, failures: list) -> None:
+    """Runs the aligned images collected in `pending` in batches (grouped by refine) and writes
+    them; a failing item is added to `failures` (src, error) and the others are written."""
+    items, groups = list(pending), collections.defaultdict(list)
+    pending.clear()
+    for item in items:
+        groups[refine_of(item[0])].append(item)
+    for refine, group in groups.items():
+        try:
+            out, _ = _run_batches(fn, np.stack([d.rgb for _, d in group]), key.k, args.batch, refine)
+        except InputError as e:
+            failures.extend((job.src, e) for job, _ in group)
+            continue
+        for (job, decoded), result in zip(group, out):
+            try:
+                _write(job, result, decoded, make_record(job, decoded, None), args.force)
+            except InputError as e:
+                failures.append((job.src, e))
+
+
 def _run_jobs(plan_: Plan, fn, key: Key, args, prepare, make_record, refine_of,
               failures: list | None = None) -> int:
-    """Runs `fn` (pipe.anonymize or pipe.recover) over the jobs. `prepare(job)` -> (Decoded,
-    faces): faces None for an aligned 256x256 image (batched across files), else the faces
-    ({"box", "transform"}) to warp out and paste back; `refine_of(job)`: whether to blend with the face mask.
-    A failing job writes nothing; the others go on. `failures`: (src, error) found earlier."""
+    """Runs `fn` (pipe.anonymize or pipe.recover) over the jobs.
+
+    `prepare(job)` -> (Decoded, faces): faces None for an aligned 256x256 image (batched across
+    files), else the faces ({"box", "transform"}) to warp out and paste back; `refine_of(job)`:
+    whether to blend with the face mask; `failures`: (src, error) found earlier. A failing job
+    writes nothing; in a folder the others go on, a single file raises.
+    """
     failures, skipped, pending = list(failures or []), 0, []
-
-    def flush():
-        groups = collections.defaultdict(list)
-        for item in pending:
-            groups[refine_of(item[0])].append(item)
-        for refine, items in groups.items():
-            out, _ = _run_batches(fn, np.stack([d.rgb for _, d in items]), key.k, args.batch, refine)
-            for (job, decoded), result in zip(items, out):
-                _write(job, result, decoded, make_record(job, decoded, None), args.force)
-        pending.clear()
-
     for job in cli.progress(plan_.jobs, quiet=args.quiet):
         try:
             decoded, faces = prepare(job)
             if faces is None:
                 pending.append((job, decoded))
                 if len(pending) == args.batch:
-                    flush()
+                    _flush(pending, fn, key, args, make_record, refine_of, failures)
                 continue
             record = make_record(job, decoded, faces)
             transforms = [f["transform"] for f in faces]
@@ -398,15 +410,10 @@ def _run_jobs(plan_: Plan, fn, key: Key, args, prepare, make_record, refine_of,
         except Skipped:
             skipped += 1
         except InputError as e:
-            if not plan_.folder:
-                raise
             failures.append((job.src, e))
-    try:
-        flush()
-    except InputError as e:
-        if not plan_.folder:
-            raise
-        failures.extend((job.src, e) for job, _ in pending)
+    _flush(pending, fn, key, args, make_record, refine_of, failures)
+    if failures and not plan_.folder:
+        raise failures[0][1]
     n = len(plan_.jobs) + sum(1 for src, _ in failures if src not in {j.src for j in plan_.jobs})
     return _report(failures, n, skipped, plan_, args.quiet)
 
@@ -429,7 +436,6 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
                         f"{keys.CAP_ITERATIONS} iterations, {keys.CAP_LANES} lanes)")
     keys.add_secret_arguments(p)
     cli.add_common_arguments(p)
-
 
 
 def _anonymize_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,11 @@ recorded the same way.
 The official code has no KDF: its key is k = f(u) with u ~ U[0.5, 1)^512 drawn at random
 (`official_key_seed`, `key_from_vector`).
 
+KDF parameters from flags or from a sidecar are untrusted: `KdfParams` refuses values Argon2
+cannot take (0 iterations, 2^32 KiB), and `check_caps` refuses costs above CAP_* (1 GiB, 16
+passes, 16 lanes) unless explicitly allowed. `key_check(kdf_output)` is an opt-in short check
+value (HMAC-SHA256 under a domain-separated label) that lets recovery say "wrong secret".
+
 Secrets come from a file, an environment variable or an interactive prompt (`read_secret`);
 one given on the command line (visible to other users in `ps` and in shell history) is refused
 unless explicitly allowed. A secret is never put into messages, logs or files by this module.
@@ -78,7 +83,9 @@ class KdfParams:
     def __post_init__(self):
         problems = []
         if self.algorithm != "argon2id":
-            shown = repr(self.algorithm[:40]) if isinstance(self.algorithm, str) else type(self.algorithm).__name__
+            # Never repr() an arbitrary value from a file: a deeply nested one would recurse.
+            shown = (repr(self.algorithm[:40]) if isinstance(self.algorithm, str)
+                     else type(self.algorithm).__name__)
             problems.append(f"unknown KDF {shown} (only 'argon2id')")
         if not isinstance(self.salt, bytes) or not MIN_SALT_BYTES <= len(self.salt) <= MAX_SALT_BYTES:
             problems.append(f"salt must be {MIN_SALT_BYTES} to {MAX_SALT_BYTES} bytes")
@@ -234,9 +241,9 @@ def read_secret(file: str | os.PathLike | None = None, env: str | None = None,
                 allow_unsafe: bool = False) -> bytes:
     """Reads the secret from exactly one source and returns it as bytes.
 
-    file: path of a file holding the secret (one trailing newline is dropped; other bytes,
-      including spaces, are part of the secret).
-    env: name of an environment variable holding it (UTF-8).
+    file: path of a file holding the secret, at most MAX_SECRET_BYTES (one trailing newline is
+      dropped; other bytes, including spaces, are part of the secret).
+    env: name of an environment variable holding it (must be valid UTF-8).
     prompt: if neither is given, ask interactively (without echo) with this text; needs a
       terminal.
     unsafe_value: a secret given on the command line; refused unless `allow_unsafe` (argv is
