@@ -1,6 +1,7 @@
 """The anonymize / recover command lines: aligned faces, folders, in-the-wild photos, sidecars,
 secrets, paths that must not be overwritten, and bad input."""
 
+import collections
 import json
 import os
 import subprocess
@@ -416,3 +417,41 @@ def test_recover_cli_refuses_a_device_sidecar_in_one_line(tmp_path):
                    str(tmp_path / "no-weights"), "--secret-env", "S", env=CLI_ENV, check=False)
     assert proc.returncode == InputError.exit_code
     assert proc.stderr.strip().splitlines() == [f"error: {src}.json: not a regular file"]
+
+
+def test_output_problems_are_found_before_any_work(tmp_path, monkeypatch):
+    """Refused while planning, before the weights load (the weights folder does not exist)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    aligned_face(photos / "a.png", 1)
+    args = ("--weights", tmp_path / "no-weights", "--aligned", "--secret-env", "S", *FAST_KDF)
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(InputError, match="must be a folder"):
+        anon(photos, tmp_path / "file", *args)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"someone else's")
+    for force in ([], ["--force"]):
+        with pytest.raises(InputError, match="in the way"):
+            anon(photos, out, *args, *force)
+    assert (out / "a.png").read_bytes() == b"someone else's"
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(commands.shutil, "disk_usage", lambda path: usage(1000, 0, 1000))
+    with pytest.raises(InputError, match="not enough free space"):
+        anon(photos, tmp_path / "new", *args)
+    assert not (tmp_path / "new").exists()
+
+
+def test_resumed_folder_refuses_other_weights(tmp_path, weights_dir, secret_file):
+    src = tmp_path / "in"
+    src.mkdir()
+    aligned_face(src / "a.png", 1)
+    out = tmp_path / "out"
+    assert anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF) == 0
+    side = json.loads((out / "a.png.json").read_text())
+    side["weights_id"] = "0" * 16
+    (out / "a.png.json").write_text(json.dumps(side))
+    aligned_face(src / "b.png", 2)
+    with pytest.raises(InputError, match="other weights"):
+        anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF)
+    assert not (out / "b.png").exists()
