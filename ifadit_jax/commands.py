@@ -538,9 +538,14 @@ def _read_sidecars(jobs: list[Job], allow_costly: bool):
                 "beside the anonymized image)")))
             continue
         try:
-            found[job.src] = sidecar.read(path, allow_costly)
+            side = sidecar.read(path, allow_costly)
+            size = imageio.header_size(job.src)  # before any network runs (checked again decoded)
+            if size is not None:
+                sidecar.check_size(side, (size[1], size[0]))
+            found[job.src] = side
         except sidecar.SidecarError as e:
-            failures.append((job.src, e))
+            text = str(e)
+            failures.append((job.src, e if text.startswith(path) else sidecar.SidecarError(f"{path}: {text}")))
     return found, failures
 
 

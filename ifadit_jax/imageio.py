@@ -107,12 +107,14 @@ def read_image(path: str | os.PathLike, min_size: int = 1) -> Decoded:
 
 
 def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(width, height) from the file's header without decoding it; None if unreadable."""
+    """(width, height) as `read_image` will return it (EXIF orientation applied), from the
+    file's header without decoding the pixels; None if unreadable."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(os.fspath(path)) as im:
-                return im.width, im.height
+                turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # 90 or 270 degrees
+                return (im.height, im.width) if turned else (im.width, im.height)
     except Exception:  # noqa: BLE001 - the caller decodes it later and reports that
         return None
 

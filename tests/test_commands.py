@@ -455,3 +455,16 @@ def test_resumed_folder_refuses_other_weights(tmp_path, weights_dir, secret_file
     with pytest.raises(InputError, match="other weights"):
         anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF)
     assert not (out / "b.png").exists()
+
+
+def test_recover_cli_refuses_a_sidecar_of_another_image_before_loading(tmp_path):
+    """The recorded size is checked against the image's header before the weights load."""
+    src = aligned_face(tmp_path / "anon.png")
+    side = {"format": sidecar.FORMAT, "conventions": "official", "weights_id": "0" * 16,
+            "key": {"path": "vector"}, "refine": True, "mode": "photo", "size": [512, 512], "faces": []}
+    (tmp_path / "anon.png.json").write_text(json.dumps(side))
+    proc = run_cli("-m", "ifadit_jax.recover", str(src), str(tmp_path / "rec.png"), "--weights",
+                   str(tmp_path / "no-weights"), "--key-vector", "u.npy", env=CLI_ENV, check=False)
+    assert proc.returncode == InputError.exit_code
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {src}.json: size: records 512x512 but the image is 256x256 (a sidecar of another image?)"]

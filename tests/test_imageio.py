@@ -122,3 +122,13 @@ def test_stale_temporaries_are_removed_but_nothing_else(tmp_path):
     (tmp_path / "a.png").write_bytes(b"keep")
     assert files.remove_stale_temporaries(str(tmp_path)) == 1
     assert sorted(p.name for p in tmp_path.rglob("*")) == [".tmp-user-file.png", "a.png", "sub"]
+
+
+def test_header_size_matches_the_decoded_size(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_gradient(6, 4)).save(tmp_path / "r.png", exif=exif)
+    assert imageio.header_size(tmp_path / "r.png") == (6, 4)  # (width, height) upright
+    assert imageio.read_rgb(tmp_path / "r.png").shape[:2] == (4, 6)
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    assert imageio.header_size(tmp_path / "bad.png") is None
