@@ -356,7 +356,7 @@ def _read_photo(path: str) -> np.ndarray:
 
 def iter_images(dataset: Dataset, detector=None) -> Iterator[tuple[int, np.ndarray | None]]:
     """(position in dataset, aligned image [256, 256, 3] in [0, 1] or None: no face found)."""
-    from ifadit_jax import faces as faces_lib
+    from ifadit_jax import commands as faces_lib
 
     for pos, rel in enumerate(dataset.files):
         if dataset.images is not None:

@@ -23,7 +23,8 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ifadit_jax import align, cli, faces, imageio, keys, pipeline
+from ifadit_jax import align, cli, commands, imageio, keys, pipeline
+from ifadit_jax.errors import NoFaceError
 from ifadit_jax.files import atomic_path
 
 # MTCNN's five landmarks (eyes, nose, mouth corners) on skimage.data.astronaut(), as the official
@@ -63,25 +64,30 @@ def main(argv):
     p.add_argument("--weights", help="weights folder (default: built-in small networks, random weights)")
     p.add_argument("--out", default="out/demo.png")
     p.add_argument("--kdf-memory-kib", type=int, default=keys.KdfParams().memory_cost)
+    cli.add_common_arguments(p)
     args = p.parse_args(argv)
+    kdf = keys.KdfParams(memory_cost=args.kdf_memory_kib)
+    kdf.check_caps()
+    cli.setup(args)
 
     photo = astronaut()
     if args.weights:
         pipe = pipeline.load(args.weights)
         title = f"iFADIT, weights {pipe.weights_id} ({args.weights})"
-        has_detector = os.path.isfile(os.path.join(args.weights, faces.DETECTOR_FILE))
+        has_detector = os.path.isfile(os.path.join(args.weights, commands.DETECTOR_FILE))
     else:
         pipe = pipeline.random_pipeline(seed=0)
         title = "built-in small networks with RANDOM weights (not a trained model): the machinery, not the result"
         has_detector = False
     if has_detector:
-        found = faces.detect_faces(faces._load_detector(args.weights, None), photo)
+        found = commands.detect_faces(commands.load_detector(args.weights), photo)
+        if not found:
+            raise NoFaceError("the detector found no face in the astronaut photo")
         a = np.asarray(found[0].transform)
     else:
-        a = align.crop_transform(ASTRONAUT_LANDMARKS, faces.CROP)
-    crop = align.warp_to_crop(photo, a, faces.CROP)[None]
+        a = align.crop_transform(ASTRONAUT_LANDMARKS, commands.CROP)
+    crop = align.warp_to_crop(photo, a, commands.CROP)[None]
 
-    kdf = keys.KdfParams(memory_cost=args.kdf_memory_kib)
     ks = [pipe.key_from_secret(s, kdf) for s in SECRETS]
     k_wrong = pipe.key_from_secret(WRONG_SECRET, kdf)
 
@@ -108,7 +114,12 @@ def main(argv):
     with atomic_path(args.out) as tmp:
         grid(tiles, title).save(tmp, format="PNG")
 
-    print(f"wrote {args.out}: {title}")
+    if not args.quiet:
+        report(args.out, title, ids, steady, compile_s, pipe)
+
+
+def report(out, title, ids, steady, compile_s, pipe) -> None:
+    print(f"wrote {out}: {title}")
     print("ArcFace identity cosine with the original face:")
     for name, e in ids.items():
         if name != "original":

@@ -1,4 +1,10 @@
-"""Atomic file writes: an output appears whole or not at all, and never replaces an input."""
+"""Atomic file writes and output-path safety: an output appears whole or not at all, respects
+the umask, and never replaces an input or a file this tool did not write.
+
+Temporary files are named `.tmp-ifadit-*` beside their target; a run killed mid-write leaves one
+behind, and the next run in that output folder removes them (`remove_stale_temporaries`). They
+are never taken as inputs.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,22 @@ from typing import Iterator
 
 from ifadit_jax.errors import InputError
 
+TMP_PREFIX = ".tmp-ifadit-"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[str]:
     """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds.
 
-    Raises InputError if the parent directory does not exist, or if `path` exists and not `force`.
+    The file gets the permissions an ordinary `open` would (0o666 minus the umask), not
+    mkstemp's 0600. Raises InputError if the parent directory does not exist, if `path` exists
+    and not `force`, or on any write error (disk full, read-only folder); nothing partial stays.
     """
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
@@ -22,11 +38,58 @@ def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[str]
         raise InputError(f"output directory does not exist: {parent}")
     if os.path.exists(path) and not force:
         raise InputError(f"output exists, not overwriting (use --force): {path}")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=parent)
-    os.close(fd)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1], dir=parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
+    except OSError as e:
+        raise InputError(f"cannot write in {parent}: {e.strerror}") from None
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def is_temporary(name: str) -> bool:
+    return os.path.basename(name).startswith(TMP_PREFIX)
+
+
+def remove_stale_temporaries(folder: str) -> int:
+    """Removes `.tmp-ifadit-*` regular files under `folder` (left by killed runs); returns how
+    many. Symlinks and other file types with that name are left alone."""
+    removed = 0
+    if not os.path.isdir(folder):
+        return 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            p = os.path.join(root, name)
+            if is_temporary(name) and os.path.isfile(p) and not os.path.islink(p):
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+                    removed += 1
+    return removed
+
+
+def nearest_existing(path: str) -> str:
+    """The deepest existing folder on the way to `path` (where a new output would be created)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def real(path: str) -> str:
+    """`os.path.realpath`, also for a path that does not exist yet (its existing part resolved)."""
+    return os.path.realpath(path)
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether resolved `path` is `folder` or lies below it (both resolved by the caller)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)

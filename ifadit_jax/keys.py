@@ -17,6 +17,11 @@ recorded the same way.
 The official code has no KDF: its key is k = f(u) with u ~ U[0.5, 1)^512 drawn at random
 (`official_key_seed`, `key_from_vector`).
 
+KDF parameters from flags or from a sidecar are untrusted: `KdfParams` refuses values Argon2
+cannot take (0 iterations, 2^32 KiB), and `check_caps` refuses costs above CAP_* (1 GiB, 16
+passes, 16 lanes) unless explicitly allowed. `key_check(kdf_output)` is an opt-in short check
+value (HMAC-SHA256 under a domain-separated label) that lets recovery say "wrong secret".
+
 Secrets come from a file, an environment variable or an interactive prompt (`read_secret`);
 one given on the command line (visible to other users in `ps` and in shell history) is refused
 unless explicitly allowed. A secret is never put into messages, logs or files by this module.
@@ -42,6 +47,19 @@ KEY_BYTES = 512  # one KDF byte per key coordinate
 # Public and fixed on purpose: recovery must re-derive the key from the recorded parameters.
 DEFAULT_SALT = b"ifadit-jax/keygen/argon2id/v1"
 MIN_SALT_BYTES = 8  # Argon2 (RFC 9106) minimum
+MAX_SALT_BYTES = 1024  # a salt longer than this is a malformed record, not more security
+# Caps on what a sidecar or a flag may ask the KDF to spend, unless the user explicitly allows
+# more (`--kdf-allow-costly`): 1 GiB of memory, 16 passes, 16 lanes. The defaults sit far below.
+CAP_MEMORY_KIB = 1 << 20
+CAP_ITERATIONS = 16
+CAP_LANES = 16
+# Argon2's own limits (RFC 9106: 32-bit fields, lanes < 2^24); beyond them the library overflows.
+LIMIT_MEMORY_KIB = 2**32 - 1
+LIMIT_ITERATIONS = 2**32 - 1
+LIMIT_LANES = 2**24 - 1
+MAX_SECRET_BYTES = 64 * 1024
+CHECK_LABEL = b"ifadit-jax/key-check/v1"  # domain separation: the check never equals key bytes
+CHECK_HEX = 16  # 64 bits: enough to tell secrets apart, short enough to show
 
 Mapping = Callable[[jax.Array], jax.Array]
 
@@ -65,15 +83,31 @@ class KdfParams:
     def __post_init__(self):
         problems = []
         if self.algorithm != "argon2id":
-            problems.append(f"unknown KDF {self.algorithm!r} (only 'argon2id')")
-        if not isinstance(self.salt, bytes) or len(self.salt) < MIN_SALT_BYTES:
-            problems.append(f"salt must be at least {MIN_SALT_BYTES} bytes")
-        if int(self.lanes) < 1 or int(self.iterations) < 1:
-            problems.append("lanes and iterations must be at least 1")
-        elif int(self.memory_cost) < 8 * int(self.lanes):
-            problems.append(f"memory_cost must be at least 8 KiB per lane ({8 * int(self.lanes)})")
+            # Never repr() an arbitrary value from a file: a deeply nested one would recurse.
+            shown = (repr(self.algorithm[:40]) if isinstance(self.algorithm, str)
+                     else type(self.algorithm).__name__)
+            problems.append(f"unknown KDF {shown} (only 'argon2id')")
+        if not isinstance(self.salt, bytes) or not MIN_SALT_BYTES <= len(self.salt) <= MAX_SALT_BYTES:
+            problems.append(f"salt must be {MIN_SALT_BYTES} to {MAX_SALT_BYTES} bytes")
+        for name, limit in (("memory_cost", LIMIT_MEMORY_KIB), ("iterations", LIMIT_ITERATIONS),
+                            ("lanes", LIMIT_LANES)):
+            value = getattr(self, name)
+            if not _is_int(value) or not 1 <= value <= limit:
+                problems.append(f"{name} must be an integer from 1 to {limit}")
+        if not problems and self.memory_cost < 8 * self.lanes:
+            problems.append(f"memory_cost must be at least 8 KiB per lane ({8 * self.lanes})")
         if problems:
             raise InputError("KDF parameters: " + "; ".join(problems))
+
+    def check_caps(self, allow_costly: bool = False) -> None:
+        """Refuses parameters above the caps (CAP_*): they could exhaust memory or hang."""
+        if allow_costly:
+            return
+        for name, cap in (("memory_cost", CAP_MEMORY_KIB), ("iterations", CAP_ITERATIONS),
+                          ("lanes", CAP_LANES)):
+            if getattr(self, name) > cap:
+                raise InputError(f"KDF parameters: {name} {getattr(self, name)} is above the cap "
+                                 f"{cap} (pass --kdf-allow-costly to allow it)")
 
     def to_dict(self) -> dict:
         return {"algorithm": self.algorithm, "memory_cost": int(self.memory_cost),
@@ -93,7 +127,12 @@ class KdfParams:
             raise InputError(f"KDF parameters: unknown fields {unknown}")
         try:
             if "salt" in d:
-                d["salt"] = bytes.fromhex(d["salt"])
+                if not isinstance(d["salt"], str) or len(d["salt"]) > 2 * MAX_SALT_BYTES:
+                    raise ValueError("salt must be a hexadecimal string")
+                try:
+                    d["salt"] = bytes.fromhex(d["salt"])
+                except ValueError:
+                    raise ValueError("salt must be a hexadecimal string") from None
             return cls(**d)
         except (TypeError, ValueError) as e:
             raise InputError(f"KDF parameters: {e}") from None
@@ -107,6 +146,10 @@ class KdfParams:
         if not isinstance(d, dict):
             raise InputError("KDF parameters: expected a JSON object")
         return cls.from_dict(d)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def random_salt(n_bytes: int = 16) -> bytes:
@@ -133,6 +176,16 @@ def kdf_bytes(secret: bytes, kdf: KdfParams = KdfParams()) -> bytes:
     secret = _check_secret(secret)
     return Argon2id(salt=kdf.salt, length=KEY_BYTES, iterations=int(kdf.iterations),
                     lanes=int(kdf.lanes), memory_cost=int(kdf.memory_cost)).derive(secret)
+
+
+def key_check(kdf_output: bytes) -> str:
+    """A short check value of the key material (HMAC-SHA256 of the KDF output under a
+    domain-separated label): equal checks mean the same secret with near certainty, and the
+    check reveals neither the secret nor the key bytes. Stored only with `--key-check`."""
+    import hashlib
+    import hmac
+
+    return hmac.new(bytes(kdf_output), CHECK_LABEL, hashlib.sha256).hexdigest()[:CHECK_HEX]
 
 
 def normalize_bytes(b: bytes) -> np.ndarray:
@@ -188,9 +241,9 @@ def read_secret(file: str | os.PathLike | None = None, env: str | None = None,
                 allow_unsafe: bool = False) -> bytes:
     """Reads the secret from exactly one source and returns it as bytes.
 
-    file: path of a file holding the secret (one trailing newline is dropped; other bytes,
-      including spaces, are part of the secret).
-    env: name of an environment variable holding it (UTF-8).
+    file: path of a file holding the secret, at most MAX_SECRET_BYTES (one trailing newline is
+      dropped; other bytes, including spaces, are part of the secret).
+    env: name of an environment variable holding it (must be valid UTF-8).
     prompt: if neither is given, ask interactively (without echo) with this text; needs a
       terminal.
     unsafe_value: a secret given on the command line; refused unless `allow_unsafe` (argv is
@@ -210,14 +263,15 @@ def read_secret(file: str | os.PathLike | None = None, env: str | None = None,
     elif file is not None:
         try:
             with open(file, "rb") as f:
-                secret = _strip_newline(f.read())
+                secret = f.read(MAX_SECRET_BYTES + 1)  # bounded: the file may be a pipe
+            if len(secret) > MAX_SECRET_BYTES:
+                raise SecretError(f"the secret file {os.fspath(file)} is longer than "
+                                  f"{MAX_SECRET_BYTES} bytes")
+            secret = _strip_newline(secret)
         except OSError as e:
             raise SecretError(f"cannot read the secret file {os.fspath(file)}: {e.strerror}") from None
     elif env is not None:
-        value = os.environ.get(env)
-        if value is None:
-            raise SecretError(f"the environment variable {env} is not set")
-        secret = value.encode("utf-8")
+        secret = _secret_from_env(env)
     elif prompt is not None:
         if not sys.stdin or not sys.stdin.isatty():
             raise SecretError("no secret given and no terminal to ask for one "
@@ -231,6 +285,22 @@ def read_secret(file: str | os.PathLike | None = None, env: str | None = None,
     if len(secret) == 0:
         raise SecretError("the secret is empty")
     return secret
+
+
+def _secret_from_env(env: str) -> bytes:
+    value = os.environb.get(os.fsencode(env)) if os.supports_bytes_environ else None
+    if value is None and not os.supports_bytes_environ:
+        text = os.environ.get(env)
+        value = None if text is None else text.encode("utf-8", "surrogateescape")
+    if value is None:
+        raise SecretError(f"the environment variable {env} is not set")
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        # A prompt or a file typed elsewhere would give UTF-8: refuse rather than derive a key
+        # from bytes the user could not type again.
+        raise SecretError(f"the environment variable {env} is not valid UTF-8") from None
+    return value
 
 
 def add_secret_arguments(parser) -> None:

@@ -4,7 +4,14 @@ Recovers images written by `python -m ifadit_jax.anonymize`, using their JSON si
 """
 
 from ifadit_jax import cli
-from ifadit_jax.faces import recover_main
+
+
+def main(argv):
+    cli.refuse_secret_on_command_line(argv)  # before JAX and the weights load
+    from ifadit_jax.commands import recover_main
+
+    return recover_main(argv)
+
 
 if __name__ == "__main__":
-    cli.run(recover_main)
+    cli.run(main)

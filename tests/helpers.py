@@ -47,3 +47,29 @@ def convert(script: str, *args: str, out: Path) -> Path:
     run_cli(f"ports/{script}", *args, str(out))
     assert out.exists()
     return out
+
+
+# Official release file name -> fixture file (random weights in the official formats).
+RELEASE_FIXTURES = {
+    "attr_best.pth": "ifadit_attr_best.pth",
+    "mlp_best.pth": "ifadit_mlp_latent_mapper.pth",
+    "G_net_15.pth": "ifadit_inn_G_net.pth",
+    "fuse_mlp_15.pth": "ifadit_icl_fusion_mapper10.pth",
+    "550000.pt": "ifadit_stylegan2_256_style512.pt",
+    "model_ir_se50.pth": "ifadit_model_ir_se50.pth",
+    "79999_iter.pth": "bisenet_faceparsing.pth",
+}
+
+
+def small_weights_folder(root: Path) -> Path:
+    """A weights folder of the small random fixture networks plus the MTCNN detector, built with
+    the real converters (what the anonymize / recover CLIs load) -> root / "weights"."""
+    from ports import release
+
+    official = root / "official"
+    official.mkdir()
+    for name, src in RELEASE_FIXTURES.items():
+        os.symlink(fixture(src), official / name)
+    release.convert_release(str(official), str(root / "weights"))
+    run_cli("ports/convert_mtcnn.py", str(fixture("mtcnn_weights")), str(root / "weights" / "mtcnn.safetensors"))
+    return root / "weights"

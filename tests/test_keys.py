@@ -203,3 +203,51 @@ def test_secret_never_leaks(tmp_path, monkeypatch, caplog, capsys):
         for needle in needles:
             assert needle not in text, f"the secret appears in {where}"
     assert messages and len(texts) >= 8
+
+
+@pytest.mark.parametrize("fields,text", [
+    ({"iterations": 0}, "iterations"),
+    ({"memory_cost": 2**32}, "memory_cost"),
+    ({"lanes": 2**24}, "lanes"),
+    ({"memory_cost": 64.0}, "memory_cost"),
+    ({"iterations": True}, "iterations"),
+    ({"salt": b"x" * 2000}, "salt"),
+])
+def test_kdf_parameters_are_refused_not_replaced(fields, text):
+    with pytest.raises(InputError, match=text):
+        keys.KdfParams(**fields)
+
+
+def test_kdf_caps_need_an_explicit_allowance():
+    costly = keys.KdfParams(memory_cost=keys.CAP_MEMORY_KIB + 1)
+    with pytest.raises(InputError, match="cap"):
+        costly.check_caps()
+    costly.check_caps(allow_costly=True)
+    keys.KdfParams().check_caps()  # the defaults lie within the caps
+    with pytest.raises(InputError, match="iterations"):
+        keys.KdfParams(iterations=keys.CAP_ITERATIONS + 1).check_caps()
+
+
+def test_key_check_is_a_domain_separated_hmac_of_the_kdf_output():
+    import hashlib
+    import hmac
+
+    raw = Argon2id(salt=keys.DEFAULT_SALT, length=512, iterations=1, lanes=1, memory_cost=8).derive(SECRET)
+    want = hmac.new(raw, b"ifadit-jax/key-check/v1", hashlib.sha256).hexdigest()[:16]
+    assert keys.key_check(raw) == want
+    assert want not in raw.hex() and keys.key_check(raw[:-1] + bytes([raw[-1] ^ 1])) != want
+
+
+def test_non_utf8_environment_secret_is_refused(monkeypatch):
+    monkeypatch.setitem(os.environb, b"IFADIT_TEST_SECRET", b"\xff\xfe")
+    with pytest.raises(SecretError, match="not valid UTF-8"):
+        keys.read_secret(env="IFADIT_TEST_SECRET")
+    monkeypatch.setitem(os.environb, b"IFADIT_TEST_SECRET", "s\u00e9cret".encode())
+    assert keys.read_secret(env="IFADIT_TEST_SECRET") == "s\u00e9cret".encode()
+
+
+def test_secret_file_is_read_with_a_bound(tmp_path):
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (keys.MAX_SECRET_BYTES + 1))
+    with pytest.raises(SecretError, match="longer than"):
+        keys.read_secret(file=big)

@@ -123,7 +123,7 @@ for role, f in sorted(manifest["files"].items()):
 # `pipeline.load` returns jitted `anonymize` / `recover` over a `Nets` pytree; the pure
 # functions `pipeline.anonymize(pipe.nets, x, k)` are there for your own `jit`, `vmap` or
 # `grad`. Faces are 256x256 FFHQ-aligned crops in [0, 1]: here two crops of scikit-image's
-# astronaut photograph (aligned from its landmarks; `ifadit_jax.faces.detect_faces` + `align`
+# astronaut photograph (aligned from its landmarks; `ifadit_jax.commands.detect_faces` + `align`
 # do the same for any photo with MTCNN).
 
 # %%
