@@ -123,7 +123,7 @@ _LIMIT_OF_KEY = {"resolution": "resolution", "n_mapping": "depth", "n_blocks": "
 def check_limit(value: int, limit: str, name: str, what: str) -> int:
     """`value` if 0 < value <= LIMITS[limit], else WeightsError naming `name`."""
     if not 0 < value <= LIMITS[limit]:
-        raise WeightsError(f"{what}: {name} = {value} is outside the supported range 1..."
+        raise WeightsError(f"{what}: {name} = {value} is outside the supported range 1.."
                            f"{LIMITS[limit]} ({limit} limit; not an official network)")
     return value
 
