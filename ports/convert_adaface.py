@@ -1,7 +1,7 @@
 """Converts an AdaFace backbone checkpoint (mk-minchul/AdaFace, e.g. `adaface_ir50_ms1mv2.ckpt`,
 `adaface_ir101_webface12m.ckpt`) into ifadit-jax weights of kind "adaface".
 
-Usage: python ports/convert_adaface.py SRC OUT.safetensors
+Usage: python ports/convert_adaface.py SRC OUT.safetensors [--force]
 
 SRC is the released PyTorch Lightning `.ckpt`: a dict whose 'state_dict' holds the backbone under
 `model.*` (the official `inference.load_pretrained_model` keeps those keys and strips `model.`) and
@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import re
 
-import jax
-import jax.numpy as jnp
-
 from ifadit_jax import weights
 from ifadit_jax.errors import WeightsError
 from ifadit_jax.nets import adaface
 from ports import common
 
 PREFIX = "model."
-
-
 
 
 def state_dict(path: str) -> dict:
@@ -96,16 +91,15 @@ def rules(config: dict) -> list[common.Rule]:
     return out
 
 
-def convert(args):
-    state = state_dict(args.src)
-    config = infer_config(state, args.src)
-    variables = common.apply_table(state, rules(config), args.src,
+def convert(src: str) -> tuple[dict, weights.Meta]:
+    """AdaFace IR backbone -> (variables, meta) of kind "adaface"."""
+    state = state_dict(src)
+    config = infer_config(state, src)
+    variables = common.apply_table(state, rules(config), src,
                                    ignore=lambda k: k.endswith("num_batches_tracked"))
-    module = adaface.module_from_config(config)
     s = config["input_size"]
-    expected = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.float32))
-    weights.check_tree(expected, variables, args.src)
-    return variables, common.meta_for(args.src, "adaface", config)
+    expected = common.expected_variables(adaface.module_from_config(config), (1, s, s, 3))
+    return common.finish(variables, expected, src=src, kind="adaface", config=config)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Converts an IR-SE ArcFace backbone (pSp/TreB1eN `model_irse.Backbone`: `model_ir_se50.pth`,
 iFADIT's copy of it) into ifadit-jax weights of kind "arcface".
 
-Usage: python ports/convert_arcface.py SRC OUT.safetensors
+Usage: python ports/convert_arcface.py SRC OUT.safetensors [--force]
 
 SRC is a plain state dict (`input_layer.*`, `body.*`, `output_layer.*`; `num_batches_tracked`
 entries are optional), or a dict holding one under 'state_dict'. Widths, depth (50/100/152),
@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax import weights
 from ifadit_jax.errors import WeightsError
 from ifadit_jax.nets import arcface, irse
 from ports import common
-
-
 
 
 def body_config(state: dict, what: str, prefix: str = "") -> dict:
@@ -106,15 +102,14 @@ def rules(config: dict) -> list[common.Rule]:
     return out
 
 
-def convert(args):
-    state = state_dict(args.src)
-    config = infer_config(state, args.src)
-    variables = common.apply_table(state, rules(config), args.src, ignore=not_batch_counter)
-    module = arcface.module_from_config(config)
+def convert(src: str) -> tuple[dict, weights.Meta]:
+    """IR-SE ArcFace backbone -> (variables, meta) of kind "arcface"."""
+    state = state_dict(src)
+    config = infer_config(state, src)
+    variables = common.apply_table(state, rules(config), src, ignore=not_batch_counter)
     s = config["input_size"]
-    expected = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.float32))
-    weights.check_tree(expected, variables, args.src)
-    return variables, common.meta_for(args.src, "arcface", config)
+    expected = common.expected_variables(arcface.module_from_config(config), (1, s, s, 3))
+    return common.finish(variables, expected, src=src, kind="arcface", config=config)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,19 @@
 """Converts zllrunning/face-parsing.PyTorch's `79999_iter.pth` (BiSeNet face parser, a plain
 state dict) into ifadit-jax weights. Widths and block counts are read from the tensor shapes.
 
-Usage: python ports/convert_bisenet.py SRC OUT.safetensors
+Usage: python ports/convert_bisenet.py SRC OUT.safetensors [--force]
 """
 
 from __future__ import annotations
 
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax import weights
 from ifadit_jax.errors import WeightsError
 from ifadit_jax.nets import bisenet
 from ports import common
-
-
 
 
 def _conv_rule(src: str, dst: str) -> list[common.Rule]:
@@ -96,16 +92,15 @@ def infer_config(state: dict[str, np.ndarray], path: str) -> dict:
     }
 
 
-def convert(args):
-    state = state_dict(args.src)
-    config = infer_config(state, args.src)
-    variables = common.apply_table(state, rules(config), args.src,
+def convert(src: str) -> tuple[dict, weights.Meta]:
+    """BiSeNet face parser -> (variables, meta) of kind "bisenet"."""
+    state = state_dict(src)
+    config = infer_config(state, src)
+    variables = common.apply_table(state, rules(config), src,
                                    ignore=lambda k: k.endswith("num_batches_tracked"))
-    module = bisenet.module_from_config(config)
     # 64x64 is enough to build every layer (strides up to 32); shapes do not depend on the size.
-    dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
-    weights.check_tree(jax.eval_shape(module.init, jax.random.key(0), dummy), variables, args.src)
-    return variables, common.meta_for(args.src, "bisenet", config)
+    expected = common.expected_variables(bisenet.module_from_config(config), (1, 64, 64, 3))
+    return common.finish(variables, expected, src=src, kind="bisenet", config=config)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Converts pytorch-fid's FID Inception weights (`pt_inception-2015-12-05-6726825d.pth`, the state
 dict of `fid_inception_v3()`) into ifadit-jax weights of kind "inception".
 
-Usage: python ports/convert_inception.py SRC OUT.safetensors
+Usage: python ports/convert_inception.py SRC OUT.safetensors [--force]
 
 Every channel width is read from the tensor shapes (the constructor's channel constants, see
 `ifadit_jax/nets/inception.py`). The 1008-class `fc` layer is not used for FID features and is
@@ -11,9 +11,6 @@ network (FID needs the TensorFlow graph's weights and pooling) and is refused.
 """
 
 from __future__ import annotations
-
-import jax
-import jax.numpy as jnp
 
 from ifadit_jax import weights
 from ifadit_jax.errors import WeightsError
@@ -85,15 +82,15 @@ def ignored(key: str) -> bool:
     return key.endswith("num_batches_tracked") or key.startswith("fc.")
 
 
-def convert(args):
-    state = state_dict(args.src)
-    config = infer_config(state, args.src)
-    module = inception.module_from_config(config)
-    expected = jax.eval_shape(module.init, jax.random.key(0),
-                              jnp.zeros((1, inception.INPUT_SIZE, inception.INPUT_SIZE, 3)))
-    variables = common.apply_table(state, rules(expected), args.src, ignore=ignored)
-    weights.check_tree(expected, variables, args.src)
-    return variables, common.meta_for(args.src, "inception", config)
+def convert(src: str) -> tuple[dict, weights.Meta]:
+    """FID Inception -> (variables, meta) of kind "inception"."""
+    state = state_dict(src)
+    config = infer_config(state, src)
+    common.check_config(config, src)
+    size = inception.INPUT_SIZE
+    expected = common.expected_variables(inception.module_from_config(config), (1, size, size, 3))
+    variables = common.apply_table(state, rules(expected), src, ignore=ignored)
+    return common.finish(variables, expected, src=src, kind="inception", config=config)
 
 
 if __name__ == "__main__":

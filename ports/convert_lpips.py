@@ -6,7 +6,7 @@ layers (`lpips/weights/v0.1/alex.pth` or `vgg.pth`, keys `lin{l}.model.1.weight`
 `state_dict` (trunk as `net.slice{k}.{i}.*`) is accepted for either. A DataParallel `module.`
 prefix is stripped.
 
-Usage: python ports/convert_lpips.py --net alex|vgg --trunk TRUNK.pth --lin LIN.pth OUT.safetensors
+Usage: python ports/convert_lpips.py --net alex|vgg --trunk TRUNK.pth --lin LIN.pth OUT.safetensors [--force]
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ import argparse
 import os
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax import cli, weights
-from ifadit_jax.errors import InputError, WeightsError
+from ifadit_jax.errors import IfaditError, WeightsError
 from ifadit_jax.nets import lpips as lp
 from ports import common
 
@@ -69,27 +67,31 @@ def lin_rules(n_lins: int = 5) -> list[common.Rule]:
     return [(f"lin{l}.model.1.weight", f"params/lin{l}/kernel", common.conv) for l in range(n_lins)]
 
 
-def convert(args) -> tuple[dict, weights.Meta]:
-    trunk = trunk_state(args.trunk, args.net)
-    lin = _flat(args.lin)
-    if not any(_LIN_KEY.match(k) for k in lin):
-        raise WeightsError(f"{args.lin}: no 'lin{{l}}.model.1.weight' keys (is this an LPIPS "
+def convert(trunk: str, *, lin: str, net: str, version: str = "0.1") -> tuple[dict, weights.Meta]:
+    """LPIPS from its two files (`trunk` is the converter's SRC) -> (variables, meta) of kind
+    "lpips"; `net` is "alex" or "vgg"."""
+    if net not in lp.STAGES or version not in lp.VERSIONS:
+        raise IfaditError(f"net must be one of {sorted(lp.STAGES)} and version one of "
+                          f"{list(lp.VERSIONS)}")
+    trunk_sd = trunk_state(trunk, net)
+    lin_sd = _flat(lin)
+    if not any(_LIN_KEY.match(k) for k in lin_sd):
+        raise WeightsError(f"{lin}: no 'lin{{l}}.model.1.weight' keys (is this an LPIPS "
                            "linear-layer file, e.g. lpips/weights/v0.1/alex.pth?)")
-    widths = [int(trunk[f"features.{i}.weight"].shape[0]) for i in lp.conv_indices(args.net)]
-    config = {"net": args.net, "widths": widths, "version": args.version}
-    variables = common.apply_table(trunk, rules(args.net), args.trunk, ignore=_is_not_trunk)
-    lins = common.apply_table(lin, lin_rules(), args.lin, ignore=_is_not_lin)
+    widths = [int(np.shape(trunk_sd[f"features.{i}.weight"])[0]) for i in lp.conv_indices(net)]
+    config = {"net": net, "widths": widths, "version": version}
+    common.check_config(config, trunk)
+    variables = common.apply_table(trunk_sd, rules(net), trunk, ignore=_is_not_trunk)
+    lins = common.apply_table(lin_sd, lin_rules(), lin, ignore=_is_not_lin)
     variables["params"].update(lins["params"])
-    module = lp.LPIPS(net=args.net, widths=tuple(config["widths"]), version=args.version)
-    dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
-    expected = jax.eval_shape(module.init, jax.random.key(0), dummy, dummy)
-    weights.check_tree(expected, variables, f"{args.trunk} + {args.lin}")
-    meta = common.meta_for(args.trunk, "lpips", config, lin_file=os.path.basename(args.lin),
-                           lin_sha256=weights.sha256_file(args.lin))
-    return variables, meta
+    module = lp.LPIPS(net=net, widths=tuple(widths), version=version)
+    expected = common.expected_variables(module, (1, 64, 64, 3), (1, 64, 64, 3))
+    return common.finish(variables, expected, src=trunk, kind="lpips", config=config,
+                         what=f"{trunk} + {lin}", lin_file=os.path.basename(lin),
+                         lin_sha256=weights.sha256_file(lin))
 
 
-def main(argv) -> None:
+def main(argv) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--net", required=True, choices=sorted(lp.STAGES), help="trunk network")
@@ -97,17 +99,11 @@ def main(argv) -> None:
     parser.add_argument("--lin", required=True, help="LPIPS linear layers, e.g. weights/v0.1/alex.pth")
     parser.add_argument("--version", default="0.1", choices=lp.VERSIONS,
                         help="LPIPS version of the lin weights (0.1 uses the scaling layer)")
-    parser.add_argument("out", help="output .safetensors file")
+    common.add_output_arguments(parser)
     args = parser.parse_args(argv)
-    out = os.path.abspath(args.out)
-    if not os.path.isdir(os.path.dirname(out)):
-        raise InputError(f"output directory does not exist: {os.path.dirname(out)}")
-    if out in (os.path.abspath(args.trunk), os.path.abspath(args.lin)):
-        raise InputError("output would overwrite an input checkpoint")
-    variables, meta = convert(args)
-    weights.save(args.out, variables, meta)
-    n = sum(int(np.prod(np.shape(v))) for v in weights.flatten(variables).values())
-    print(f"wrote {args.out}: {meta.kind}, {n:,} values, config {meta.config}")
+    return common.run_converter(convert, args.trunk, out=args.out, force=args.force,
+                                inputs=[args.trunk, args.lin], lin=args.lin, net=args.net,
+                                version=args.version)
 
 
 if __name__ == "__main__":

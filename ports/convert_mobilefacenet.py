@@ -1,13 +1,11 @@
 """Converts cunjian/pytorch_face_landmark's `mobilefacenet_model_best.pth.tar` (MobileFaceNet
 68-point landmarks, `['state_dict']`) into ifadit-jax weights.
 
-Usage: python ports/convert_mobilefacenet.py SRC OUT.safetensors
+Usage: python ports/convert_mobilefacenet.py SRC OUT.safetensors [--force]
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax import weights
@@ -62,25 +60,25 @@ def state_dict(path: str) -> dict[str, np.ndarray]:
     return common.state_dict(path, "MobileFaceNet checkpoint")
 
 
-def convert(args):
-    state = state_dict(args.src)
+def convert(src: str) -> tuple[dict, weights.Meta]:
+    """MobileFaceNet (GDC landmark head) -> (variables, meta) of kind "mobilefacenet"."""
+    state = state_dict(src)
     if "output_layer.linear.weight" not in state:
         hint = (" (this is the GNAP head, only the GDC landmark head is supported)"
                 if "output_layer.bn1.running_mean" in state else " (is this the right network?)")
-        raise WeightsError(f"{args.src}: not a MobileFaceNet GDC checkpoint: no "
+        raise WeightsError(f"{src}: not a MobileFaceNet GDC checkpoint: no "
                            f"'output_layer.linear.weight'{hint}")
     linear = state["output_layer.linear.weight"]
-    if linear.ndim != 2:
-        raise WeightsError(f"{args.src}: output_layer.linear.weight has shape {linear.shape}, "
+    if np.ndim(linear) != 2:
+        raise WeightsError(f"{src}: output_layer.linear.weight has shape {np.shape(linear)}, "
                            "expected [embedding_size, 512]")
-    config = {"embedding_size": int(linear.shape[0])}
-    variables = common.apply_table(state, rules(), args.src,
+    config = {"embedding_size": int(np.shape(linear)[0])}
+    common.check_config(config, src)
+    variables = common.apply_table(state, rules(), src,
                                    ignore=lambda k: k.endswith("num_batches_tracked"))
-    module = mfn.MobileFaceNet(**config)
-    dummy = jnp.zeros((1, mfn.INPUT_SIZE, mfn.INPUT_SIZE, 3), jnp.float32)
-    expected = jax.eval_shape(module.init, jax.random.key(0), dummy)
-    weights.check_tree(expected, variables, args.src)
-    return variables, common.meta_for(args.src, "mobilefacenet", config)
+    size = mfn.INPUT_SIZE
+    expected = common.expected_variables(mfn.MobileFaceNet(**config), (1, size, size, 3))
+    return common.finish(variables, expected, src=src, kind="mobilefacenet", config=config)
 
 
 if __name__ == "__main__":

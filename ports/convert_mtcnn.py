@@ -1,6 +1,6 @@
 """Converts facenet-pytorch's MTCNN weights (pnet.pt, rnet.pt, onet.pt) into one ifadit-jax file.
 
-Usage: python ports/convert_mtcnn.py DIR OUT.safetensors
+Usage: python ports/convert_mtcnn.py DIR OUT.safetensors [--force]
 
 DIR holds the three state dicts shipped in the facenet-pytorch package (`facenet_pytorch/data/`).
 The output holds params/pnet/..., params/rnet/..., params/onet/... (kind "mtcnn"); the sha256 of
@@ -9,15 +9,12 @@ each source file is recorded in the metadata ("extra").
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-from typing import Sequence
 
-import jax
 import numpy as np
 
-from ifadit_jax import cli, weights
+from ifadit_jax import weights
 from ifadit_jax.errors import InputError, WeightsError
 from ifadit_jax.nets import mtcnn
 from ports import common
@@ -64,47 +61,38 @@ def infer_config(states: dict[str, dict[str, np.ndarray]], paths: dict[str, str]
             for net in NETS}
 
 
+def _paths(src_dir: str) -> dict[str, str]:
+    return {net: os.path.join(src_dir, f"{net}.pt") for net in NETS}
+
+
 def convert(src_dir: str) -> tuple[dict, weights.Meta]:
+    """The folder holding pnet.pt, rnet.pt, onet.pt -> (variables, meta) of kind "mtcnn"."""
     if not os.path.isdir(src_dir):
         raise InputError(f"{src_dir}: not a directory (expected the folder holding pnet.pt, rnet.pt "
                          "and onet.pt)")
-    paths = {net: os.path.join(src_dir, f"{net}.pt") for net in NETS}
+    paths = _paths(src_dir)
     for net, path in paths.items():
         if not os.path.isfile(path):
             raise WeightsError(f"{path}: missing (the MTCNN folder must hold pnet.pt, rnet.pt and onet.pt)")
     states = {net: flatten_state_dict(read_checkpoint(path)) for net, path in paths.items()}
     config = infer_config(states, paths)
+    common.check_config(config, src_dir)
     variables: dict = {"params": {}}
     for net in NETS:
         converted = common.apply_table(states[net], rules(net), paths[net])
         variables["params"].update(converted["params"])
-    module = mtcnn.MTCNNNets(**config)
-    expected = jax.eval_shape(module.init, jax.random.key(0), *mtcnn.init_inputs())
-    weights.check_tree(expected, variables, src_dir)
+    inputs = [tuple(np.shape(x)) for x in mtcnn.init_inputs()]
+    expected = common.expected_variables(mtcnn.MTCNNNets(**config), *inputs)
     shas = {f"{net}.pt": weights.sha256_file(path) for net, path in paths.items()}
     meta = weights.Meta(
         kind="mtcnn", config=config, source_file=os.path.basename(os.path.normpath(src_dir)),
         # One digest for the set: sha256 of "name sha256\n" lines in pnet, rnet, onet order.
         source_sha256=hashlib.sha256("".join(f"{k} {v}\n" for k, v in shas.items()).encode()).hexdigest(),
         converter_version=common.CONVERTER_VERSION, extra={"source_sha256": shas})
-    return variables, meta
-
-
-def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", metavar="DIR", help="folder with facenet-pytorch's pnet.pt, rnet.pt, onet.pt")
-    parser.add_argument("out", help="output .safetensors file")
-    args = parser.parse_args(argv)
-    out = os.path.abspath(args.out)
-    if not os.path.isdir(os.path.dirname(out)):
-        raise InputError(f"output directory does not exist: {os.path.dirname(out)}")
-    if out in {os.path.abspath(os.path.join(args.src, f"{net}.pt")) for net in NETS}:
-        raise InputError("output would overwrite an input checkpoint")
-    variables, meta = convert(args.src)
-    weights.save(args.out, variables, meta)
-    n = sum(int(np.prod(np.shape(v))) for v in weights.flatten(variables).values())
-    print(f"wrote {args.out}: {meta.kind}, {n:,} values, config {meta.config}")
+    return common.finish(variables, expected, src=src_dir, kind="mtcnn", config=config, meta=meta)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    common.converter_main(__doc__.split("\n\n")[0], convert,
+                          src_help="folder with facenet-pytorch's pnet.pt, rnet.pt, onet.pt",
+                          inputs=lambda args: list(_paths(args.src).values()))

@@ -1,6 +1,6 @@
 """Converts a pixel2style2pixel GradualStyleEncoder into ifadit-jax weights of kind "psp_encoder".
 
-Usage: python ports/convert_psp.py [--input-range=auto|0,1|-1,1] SRC OUT.safetensors
+Usage: python ports/convert_psp.py [--input-range=auto|0,1|-1,1] SRC OUT.safetensors [--force]
 
 SRC is either
   (a) a pSp training checkpoint {state_dict (encoder.*, decoder.*), latent_avg, opts}
@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax import weights
-from ifadit_jax.errors import WeightsError
+from ifadit_jax.errors import IfaditError, WeightsError
 from ifadit_jax.nets import irse, psp
 from ports import common
 from ports.convert_arcface import body_config, body_rules, not_batch_counter
@@ -101,22 +99,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "auto: [-1,1] for pSp checkpoints with opts, [0,1] for bare state dicts")
 
 
-def convert(args):
-    state, latent_avg, opts = read_psp(args.src)
-    config = infer_config(state, args.src, opts)
-    choice = args.input_range if args.input_range != "auto" else ("-1,1" if opts is not None else "0,1")
+def convert(src: str, input_range: str = "auto") -> tuple[dict, weights.Meta]:
+    """pSp GradualStyleEncoder -> (variables, meta) of kind "psp_encoder"; `input_range` is
+    "auto", "0,1" or "-1,1" (see the module docstring)."""
+    if input_range not in ("auto", *RANGES):
+        raise IfaditError(f"input_range must be auto, 0,1 or -1,1, got {str(input_range)[:20]!r}")
+    state, latent_avg, opts = read_psp(src)
+    config = infer_config(state, src, opts)
+    choice = input_range if input_range != "auto" else ("-1,1" if opts is not None else "0,1")
     config["input_range"] = list(RANGES[choice])
     config["start_from_latent_avg"] = bool(opts.get("start_from_latent_avg", False)) if opts else False
-    variables = common.apply_table(state, rules(config), args.src, ignore=not_batch_counter)
-    module = psp.module_from_config(config)
-    dummy = jnp.zeros((1, 256, 256, config["in_channels"]), jnp.float32)
-    weights.check_tree(jax.eval_shape(module.init, jax.random.key(0), dummy), variables, args.src)
+    common.check_config(config, src)
+    variables = common.apply_table(state, rules(config), src, ignore=not_batch_counter)
+    expected = common.expected_variables(psp.module_from_config(config),
+                                         (1, 256, 256, config["in_channels"]))
+    weights.check_tree(expected, variables, src)
     if latent_avg is not None:
-        variables["consts"] = {"latent_avg": _latent_avg(latent_avg, config, args.src)}
+        variables["consts"] = {"latent_avg": _latent_avg(latent_avg, config, src)}
+        expected = {**expected, "consts": {"latent_avg": variables["consts"]["latent_avg"]}}
     elif config["start_from_latent_avg"]:
-        raise WeightsError(f"{args.src}: opts.start_from_latent_avg is set but there is no latent_avg")
-    return variables, common.meta_for(args.src, "psp_encoder", config,
-                                      input_range_choice=args.input_range)
+        raise WeightsError(f"{src}: opts.start_from_latent_avg is set but there is no latent_avg")
+    return common.finish(variables, expected, src=src, kind="psp_encoder", config=config,
+                         input_range_choice=input_range)
 
 
 if __name__ == "__main__":

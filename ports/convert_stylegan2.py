@@ -1,6 +1,7 @@
 """Converts an official StyleGAN2 generator into ifadit-jax weights.
 
-Usage: python ports/convert_stylegan2.py SRC OUT.safetensors
+Usage: python ports/convert_stylegan2.py SRC OUT.safetensors [--force]
+       (from Python: `convert(src) -> (variables, meta)`)
 
 SRC may be
   * a rosinality/stylegan2-pytorch checkpoint: {g_ema, latent_avg} (convert_weight.py, iFADIT's
@@ -13,6 +14,7 @@ The network config (resolution, widths, mapping depth) is read from the tensor s
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,19 +31,31 @@ NOISE_FALLBACK_SEED = 0
 LATENT_AVG_FALLBACK = (4096, 0)  # (number of z, seed)
 
 
+def _shape(g: dict, key: str, ndim: int, what: str) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in np.shape(common.require(g, key, what)))
+    if len(shape) != ndim:
+        raise WeightsError(f"{what}: {key} has shape {shape}, expected {ndim} dimensions")
+    return shape
+
+
 def _rosinality_config(g: dict, what: str) -> stylegan2.Config:
-    const = common.require(g, "input.input", what)
+    """The config from the shapes; every size is checked against `common.LIMITS` here, before
+    the noise fallback allocates from the resolution."""
     n_mapping = sum(1 for k in g if k.startswith("style.") and k.endswith(".weight"))
     if n_mapping == 0:
         raise WeightsError(f"{what}: no mapping layers 'style.N.weight' (not a StyleGAN2 generator)")
-    w_dim, z_dim = common.require(g, "style.1.weight", what).shape
+    common.check_limit(n_mapping, "depth", "mapping layers", what)
+    w_dim, z_dim = _shape(g, "style.1.weight", 2, what)
     n_up = sum(1 for k in g if k.startswith("convs.") and k.endswith(".conv.weight")) // 2
-    channels = [(4, int(const.shape[1]))]
+    common.check_limit(4 * 2 ** min(n_up, 20), "resolution", "resolution", what)
+    channels = [(4, _shape(g, "input.input", 4, what)[1])]
     for j in range(n_up):
-        channels.append((2 ** (j + 3), int(common.require(g, f"convs.{2 * j}.conv.weight", what).shape[1])))
-    return stylegan2.Config(resolution=4 * 2 ** n_up, z_dim=int(z_dim), w_dim=int(w_dim),
-                            n_mapping=n_mapping, lr_mul=0.01, channels=tuple(channels),
-                            flavor="rosinality", conv_clamp=None)
+        channels.append((2 ** (j + 3), _shape(g, f"convs.{2 * j}.conv.weight", 5, what)[1]))
+    cfg = stylegan2.Config(resolution=4 * 2 ** n_up, z_dim=z_dim, w_dim=w_dim,
+                           n_mapping=n_mapping, lr_mul=0.01, channels=tuple(channels),
+                           flavor="rosinality", conv_clamp=None)
+    common.check_config(cfg.to_json(), what)
+    return cfg
 
 
 def _rosinality_rules(cfg: stylegan2.Config):
@@ -131,29 +145,52 @@ def _convert_rosinality(g: dict, latent_avg, what: str):
     return cfg, variables, _latent_avg(latent_avg, cfg, what), extra
 
 
-def _nvlabs_config(record: PersistentRecord, what: str) -> stylegan2.Config:
-    kw = record["state"].get("_init_kwargs") or {}
-    state = record["state"]
+def _field(tree: Any, key: str, typ: type, what: str):
+    value = tree.get(key) if isinstance(tree, dict) else None
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        raise WeightsError(f"{what}: NVlabs record without a valid '{key}' (not a stylegan2-ada "
+                           "generator pickle)")
+    return value
+
+
+def _nvlabs_checks(state: dict, synth: dict, what: str) -> list[int]:
+    """Refuses what this port does not implement; -> the block resolutions."""
     if state.get("c_dim", 0):
         raise WeightsError(f"{what}: conditional generators (c_dim > 0) are not supported")
-    synth = state["_modules"]["synthesis"]["state"]
-    for res in synth["block_resolutions"]:
-        arch = synth["_modules"][f"b{res}"]["state"].get("architecture", "skip")
+    resolutions = _field(synth, "block_resolutions", list, what)
+    blocks = _field(synth, "_modules", dict, what)
+    if not resolutions or len(resolutions) > 9 or not all(isinstance(r, int) for r in resolutions):
+        raise WeightsError(f"{what}: synthesis.block_resolutions {resolutions[:10]} is not a list "
+                           "of at most 9 resolutions")
+    for res in resolutions:
+        arch = _field(_field(blocks, f"b{res}", dict, what), "state", dict, what).get("architecture", "skip")
         if arch != "skip":
             raise WeightsError(f"{what}: synthesis architecture '{arch}' is not supported (only 'skip')")
+    return resolutions
+
+
+def _nvlabs_config(record: PersistentRecord, what: str) -> stylegan2.Config:
+    state = _field(record, "state", dict, what)
+    kw = state.get("_init_kwargs") or {}
+    modules = _field(state, "_modules", dict, what)
+    synth = _field(_field(modules, "synthesis", dict, what), "state", dict, what)
+    resolutions = _nvlabs_checks(state, synth, what)
     sd = nvlabs_state_dict(record)
-    channels = [(4, int(common.require(sd, "synthesis.b4.const", what).shape[0]))]
-    for res in synth["block_resolutions"][1:]:
-        channels.append((res, int(common.require(sd, f"synthesis.b{res}.conv0.weight", what).shape[0])))
-    mapping = kw.get("mapping_kwargs", {}) or {}
-    conv_clamp = (kw.get("synthesis_kwargs", {}) or {}).get("conv_clamp")
+    channels = [(4, int(np.shape(common.require(sd, "synthesis.b4.const", what))[0]))]
+    for res in resolutions[1:]:
+        channels.append((res, int(np.shape(common.require(sd, f"synthesis.b{res}.conv0.weight", what))[0])))
+    mapping = (kw.get("mapping_kwargs") if isinstance(kw, dict) else None) or {}
+    conv_clamp = ((kw.get("synthesis_kwargs") if isinstance(kw, dict) else None) or {}).get("conv_clamp")
     n_mapping = sum(1 for k in sd if k.startswith("mapping.fc") and k.endswith(".weight"))
-    return stylegan2.Config(resolution=int(state["img_resolution"]), z_dim=int(state["z_dim"]),
-                            w_dim=int(state["w_dim"]), n_mapping=n_mapping,
-                            lr_mul=float(mapping.get("lr_multiplier", 0.01)),
-                            channels=tuple(channels), flavor="nvlabs",
-                            conv_clamp=None if conv_clamp is None else float(conv_clamp),
-                            img_channels=int(state["img_channels"]))
+    cfg = stylegan2.Config(resolution=_field(state, "img_resolution", int, what),
+                           z_dim=_field(state, "z_dim", int, what),
+                           w_dim=_field(state, "w_dim", int, what), n_mapping=n_mapping,
+                           lr_mul=float(mapping.get("lr_multiplier", 0.01)),
+                           channels=tuple(channels), flavor="nvlabs",
+                           conv_clamp=None if conv_clamp is None else float(conv_clamp),
+                           img_channels=_field(state, "img_channels", int, what))
+    common.check_config(cfg.to_json(), what)
+    return cfg
 
 
 def _nvlabs_rules(cfg: stylegan2.Config):
@@ -204,44 +241,43 @@ def _computed_latent_avg(cfg, variables) -> np.ndarray:
     return np.asarray(G.mapping(z).mean(axis=0))
 
 
-def convert_file(src: str):
-    """Returns (variables, meta) for an official generator file."""
+def _read_any(src: str):
+    """-> (cfg, variables, latent_avg or None, extra) for every supported layout."""
     ckpt = read_checkpoint(src)
     if not isinstance(ckpt, dict):
         raise WeightsError(f"{src}: not a StyleGAN2 checkpoint")
     if isinstance(ckpt.get("G_ema"), PersistentRecord):
-        cfg, variables, latent_avg, extra = _convert_nvlabs(ckpt["G_ema"], src)
-        extra["source_format"] = "nvlabs-pkl"
-    elif isinstance(ckpt.get("g_ema"), dict):
-        cfg, variables, latent_avg, extra = _convert_rosinality(ckpt["g_ema"], ckpt.get("latent_avg"), src)
-        extra["source_format"] = "rosinality"
-    elif isinstance(ckpt.get("state_dict"), dict) and any(k.startswith("decoder.") for k in ckpt["state_dict"]):
+        return (*_convert_nvlabs(ckpt["G_ema"], src), "nvlabs-pkl")
+    if isinstance(ckpt.get("g_ema"), dict):
+        return (*_convert_rosinality(ckpt["g_ema"], ckpt.get("latent_avg"), src), "rosinality")
+    if isinstance(ckpt.get("state_dict"), dict) and any(str(k).startswith("decoder.")
+                                                         for k in ckpt["state_dict"]):
         g = {k[len("decoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
-        cfg, variables, latent_avg, extra = _convert_rosinality(g, ckpt.get("latent_avg"), src)
-        extra["source_format"] = "psp-decoder"
-    elif any(k.startswith("decoder.") for k in ckpt):
+        return (*_convert_rosinality(g, ckpt.get("latent_avg"), src), "psp-decoder")
+    if any(str(k).startswith("decoder.") for k in ckpt):
         # iFADIT's attr_best.pth: a bare pSp state dict.
         g = {k[len("decoder."):]: v for k, v in flatten_state_dict(ckpt).items() if k.startswith("decoder.")}
-        cfg, variables, latent_avg, extra = _convert_rosinality(g, None, src)
-        extra["source_format"] = "psp-decoder"
-    else:
-        keys = ", ".join(list(ckpt)[:5])
-        raise WeightsError(f"{src}: not a StyleGAN2 checkpoint (no g_ema, G_ema or decoder.*; has {keys})")
+        return (*_convert_rosinality(g, None, src), "psp-decoder")
+    keys = ", ".join(str(k)[:40] for k in list(ckpt)[:5])
+    raise WeightsError(f"{src}: not a StyleGAN2 checkpoint (no g_ema, G_ema or decoder.*; has {keys})")
 
+
+def convert(src: str) -> tuple[dict, weights.Meta]:
+    """Returns (variables, meta) for an official generator file."""
+    cfg, variables, latent_avg, extra, source_format = _read_any(src)
+    extra["source_format"] = source_format
     variables.setdefault("consts", {}).setdefault("mapping", {})
+    expected = stylegan2.variable_shapes(cfg)
     if latent_avg is None:
         variables["consts"]["mapping"]["w_avg"] = np.zeros((cfg.w_dim,), np.float32)
+        weights.check_tree(expected, variables, src)  # before running the mapping net on them
         latent_avg = _computed_latent_avg(cfg, variables)
         extra["latent_avg_source"] = "computed: mean of f(z), %d z, seed %d" % LATENT_AVG_FALLBACK
     else:
         extra["latent_avg_source"] = "checkpoint"
     variables["consts"]["mapping"]["w_avg"] = np.asarray(latent_avg, np.float32)
-    weights.check_tree(stylegan2.variable_shapes(cfg), variables, src)
-    return variables, common.meta_for(src, KIND, cfg.to_json(), **extra)
-
-
-def convert(args):
-    return convert_file(args.src)
+    return common.finish(variables, expected, src=src, kind=KIND,
+                         config=cfg.to_json(), **extra)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ holds the files the official test script loads, under their official names:
 | face parser (refinement) | `79999_iter.pth` | BiSeNet |
 
 OUT_DIR receives one `.safetensors` file per network (the names `ifadit_jax.pipeline.ROLES`
-gives) and `manifest.json` with the conventions, each file's source name and sha256, and a
-weights id derived from them. It is written to a temporary folder beside OUT_DIR and renamed
-into place only when every network converted, so a failure leaves nothing behind.
+gives) and `manifest.json` with the conventions, each file's sha256 and its source's name and
+sha256, and a weights id derived from the tensors. `ifadit_jax.weights_folder.write` builds it
+beside OUT_DIR and moves it into place only when every network converted, so a failure leaves
+nothing behind; `--force` replaces only a folder this tool wrote and never one that is, holds or
+lies inside SRC_DIR.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+from typing import Callable
 
 from ifadit_jax import pipeline, weights_folder
 from ifadit_jax.errors import InputError, WeightsError
+from ports import common, convert_arcface, convert_bisenet, convert_psp, convert_stylegan2, ifadit
 
 SOURCES = {
     "attr_encoder": ("attr_best.pth",),
@@ -39,18 +43,16 @@ SOURCES = {
 }
 
 
-def _converter(role: str):
-    from ports import convert_arcface, convert_bisenet, convert_ifadit, convert_psp, convert_stylegan2
-
-    return {
-        "attr_encoder": lambda src: convert_psp.convert(argparse.Namespace(src=src, input_range="auto")),
-        "mapper": lambda src: convert_ifadit.convert_mapper(argparse.Namespace(src=src)),
-        "flow": lambda src: convert_ifadit.convert_inn(argparse.Namespace(src=src)),
-        "icl": lambda src: convert_ifadit.convert_icl(argparse.Namespace(src=src)),
-        "generator": convert_stylegan2.convert_file,
-        "id_encoder": lambda src: convert_arcface.convert(argparse.Namespace(src=src)),
-        "parser": lambda src: convert_bisenet.convert(argparse.Namespace(src=src)),
-    }[role]
+# role -> the converter function (src -> (variables, meta)) for its official file.
+CONVERTERS: dict[str, Callable] = {
+    "attr_encoder": convert_psp.convert,  # input range "auto": [0, 1] for the bare attr_best.pth
+    "mapper": ifadit.convert_mapper,
+    "flow": ifadit.convert_inn,
+    "icl": ifadit.convert_icl,
+    "generator": convert_stylegan2.convert,
+    "id_encoder": convert_arcface.convert,
+    "parser": convert_bisenet.convert,
+}
 
 
 def find_sources(src_dir: str) -> dict[str, str]:
@@ -59,7 +61,7 @@ def find_sources(src_dir: str) -> dict[str, str]:
         raise InputError(f"release folder not found: {src_dir}")
     found, missing = {}, []
     for role, patterns in SOURCES.items():
-        matches = sorted({p for pattern in patterns for p in glob.glob(os.path.join(src_dir, pattern))})
+        matches = sorted({p for pattern in patterns for p in glob.glob(os.path.join(glob.escape(src_dir), pattern))})
         if len(matches) > 1:
             names = ", ".join(os.path.basename(m) for m in matches)
             raise InputError(f"{src_dir}: several candidates for the {role} ({names}); keep one")
@@ -76,21 +78,26 @@ def find_sources(src_dir: str) -> dict[str, str]:
 def convert_release(src_dir: str, out_dir: str, force: bool = False) -> dict:
     """Converts every official file and writes OUT_DIR atomically. Returns the manifest."""
     sources = find_sources(src_dir)
+    protected = [src_dir, *sources.values()]
+    # Refuse a bad OUT before minutes of conversion; `write` checks again before replacing.
+    weights_folder.check_target(os.path.abspath(out_dir), force=force, sources=protected)
     networks = {}
     for role, src in sources.items():
         name, kind = pipeline.ROLES[role]
-        variables, meta = _converter(role)(src)
+        variables, meta = common.guarded_convert(CONVERTERS[role], src)
         if meta.kind != kind:
             raise WeightsError(f"{src}: converted to a '{meta.kind}' network, expected '{kind}'")
         networks[role] = (name, variables, meta)
-    return weights_folder.write(out_dir, networks, pipeline.OFFICIAL.name, force=force)
+    return weights_folder.write(out_dir, networks, pipeline.OFFICIAL.name, force=force,
+                                sources=protected)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src_dir", help="folder with the official files (attr_best.pth, mlp_best.pth, "
                                    "G_net_*.pth, fuse_mlp_*.pth, 550000.pt, model_ir_se50.pth, 79999_iter.pth)")
     p.add_argument("out_dir", help="output weights folder (must not exist unless --force)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT_DIR if it is a weights folder this tool wrote (nothing else)")
 
 
 def run(args) -> int:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 import jax
 import numpy as np
@@ -110,8 +109,7 @@ def test_wrong_checkpoint_is_one_error_line_and_no_output(out_dir):
     assert "convert_arcface.py" in proc.stderr
     assert not out.exists() and not list(out_dir.glob(".tmp-*"))
     with pytest.raises(WeightsError, match="input_layer.0.weight"):
-        convert_adaface.convert(
-            argparse.Namespace(src=str(fixture("pt_inception_fid_random_div4.pth"))))
+        convert_adaface.convert(str(fixture("pt_inception_fid_random_div4.pth")))
 
 
 def test_incomplete_checkpoint_names_the_missing_tensor(monkeypatch):
@@ -119,4 +117,4 @@ def test_incomplete_checkpoint_names_the_missing_tensor(monkeypatch):
     del tree["state_dict"]["model.body.7.res_layer.2.running_var"]
     monkeypatch.setattr(convert_adaface.common, "read_checkpoint", lambda path: tree)
     with pytest.raises(WeightsError, match=r"missing body\.7\.res_layer\.2\.running_var"):
-        convert_adaface.convert(argparse.Namespace(src=str(fixture(CKPT))))
+        convert_adaface.convert(str(fixture(CKPT)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 import jax
 import numpy as np
@@ -118,4 +117,4 @@ def test_wrong_checkpoint_is_one_error_line_and_no_output(out_dir):
     assert not out.exists() and not list(out_dir.glob(".tmp-*"))
     # Another network's state dict is refused naming what is missing.
     with pytest.raises(WeightsError, match="input_layer.0.weight"):
-        convert_arcface.convert(argparse.Namespace(src=str(fixture("mobilefacenet_model_best.pth.tar"))))
+        convert_arcface.convert(str(fixture("mobilefacenet_model_best.pth.tar")))

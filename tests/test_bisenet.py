@@ -1,7 +1,6 @@
 """BiSeNet face parser: parity with the official model (fixtures README section 5) through the
 real converter CLI, plus the resampling pieces checked on their own."""
 
-import argparse
 
 import jax.numpy as jnp
 import numpy as np
@@ -177,7 +176,7 @@ def test_converter_names_missing_or_misshapen_tensor(monkeypatch, tmp_path, edit
         state["conv_out.conv.conv.weight"] = np.zeros((32, 31, 3, 3), np.float32)
     monkeypatch.setattr(convert_bisenet, "state_dict", lambda path: state)
     with pytest.raises(WeightsError, match=message):
-        convert_bisenet.convert(argparse.Namespace(src=src, out=str(tmp_path / "x.safetensors")))
+        convert_bisenet.convert(src)
 
 
 def test_bad_input_shape_is_one_line_error(net):

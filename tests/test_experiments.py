@@ -25,7 +25,7 @@ from PIL import Image
 from experiments import evaluate as ev
 from experiments import run, tables
 from ifadit_jax import flow as flow_lib
-from ifadit_jax import imageio, keys, pipeline, weights
+from ifadit_jax import imageio, keys, pipeline, weights, weights_folder
 from ifadit_jax.errors import InputError, WeightsError
 from tests.helpers import convert, fixture, run_cli
 
@@ -344,18 +344,18 @@ def test_cli_all_on_the_demo_with_kdf_keys(mtcnn_file, faces_dir, tmp_path):
 
 def save_weights_folder(pipe, out, roles=tuple(pipeline.ROLES)):
     """Writes an in-memory demo pipeline as a weights folder (what a trainer exports)."""
-    out.mkdir()
     nets = pipe.nets
     variables = {"id_encoder": nets.id_vars, "attr_encoder": nets.attr_vars, "mapper": nets.mapper_vars,
                  "generator": nets.generator_vars, "icl": nets.icl_vars, "parser": nets.parser_vars}
+    networks = {}
     for role in roles:
         name, kind = pipeline.ROLES[role]
         if role == "flow":
             v, config = flow_lib.to_variables(nets.flow), nets.flow.config.to_dict()
         else:
             v, config = variables[role], pipeline.SMALL_CONFIGS[role]
-        weights.save(out / name, jax.tree.map(np.asarray, v), weights.Meta(kind=kind, config=config))
-    (out / "manifest.json").write_text(json.dumps({"conventions": "official", "weights_id": out.name}))
+        networks[role] = (name, jax.tree.map(np.asarray, v), weights.Meta(kind=kind, config=config))
+    weights_folder.write(out, networks, "official")
     return out
 
 

@@ -3,7 +3,6 @@ features with the official outputs (fixtures README section 8), bad input."""
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import pytest
@@ -126,7 +125,7 @@ def test_torchvision_imagenet_inception_is_refused(monkeypatch):
     state["fc.bias"] = np.zeros((1000,), np.float32)
     monkeypatch.setattr(convert_inception.common, "read_checkpoint", lambda path: state)
     with pytest.raises(WeightsError, match="torchvision's ImageNet InceptionV3"):
-        convert_inception.convert(argparse.Namespace(src=str(fixture(CKPT))))
+        convert_inception.convert(str(fixture(CKPT)))
 
 
 def test_incomplete_checkpoint_names_the_missing_tensor(monkeypatch):
@@ -134,4 +133,4 @@ def test_incomplete_checkpoint_names_the_missing_tensor(monkeypatch):
     del state["Mixed_7c.branch_pool.bn.running_var"]
     monkeypatch.setattr(convert_inception.common, "read_checkpoint", lambda path: state)
     with pytest.raises(WeightsError, match=r"missing Mixed_7c\.branch_pool\.bn\.running_var"):
-        convert_inception.convert(argparse.Namespace(src=str(fixture(CKPT))))
+        convert_inception.convert(str(fixture(CKPT)))

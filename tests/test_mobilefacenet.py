@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 import jax.numpy as jnp
 import numpy as np
@@ -95,10 +94,9 @@ def test_module_prefix_is_stripped(monkeypatch):
         sd = real(path)["state_dict"]
         return {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}
 
-    args = argparse.Namespace(src=str(fixture(CKPT)))
-    plain, _ = convert_mobilefacenet.convert(args)
+    plain, _ = convert_mobilefacenet.convert(str(fixture(CKPT)))
     monkeypatch.setattr(convert_mobilefacenet.common, "read_checkpoint", prefixed)
-    stripped, _ = convert_mobilefacenet.convert(args)
+    stripped, _ = convert_mobilefacenet.convert(str(fixture(CKPT)))
     a, b = weights.flatten(plain), weights.flatten(stripped)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -90,9 +89,9 @@ def test_parity_ifadit_attribute_encoder(ifadit_net):
 
 def test_input_range_override():
     src = str(fixture(IFADIT_CKPT))
-    _, meta = convert_psp.convert(argparse.Namespace(src=src, input_range="-1,1"))
+    _, meta = convert_psp.convert(src, input_range="-1,1")
     assert meta.config["input_range"] == [-1.0, 1.0]
-    _, meta = convert_psp.convert(argparse.Namespace(src=str(fixture(CKPT)), input_range="0,1"))
+    _, meta = convert_psp.convert(str(fixture(CKPT)), input_range="0,1")
     assert meta.config["input_range"] == [0.0, 1.0]
 
 
@@ -118,7 +117,7 @@ def test_bilinear_align_corners_by_hand():
 def test_init_from_irse50():
     """pSp copies the IR-SE50 input layer and body (not the output layer) into a fresh encoder."""
     src = str(fixture("arcface_ir_se50.pth"))
-    arc_variables, _ = convert_arcface.convert(argparse.Namespace(src=src))
+    arc_variables, _ = convert_arcface.convert(src)
     module = psp.GradualStyleEncoder(widths=(16, 24, 28, 32), style_width=8, w_dim=8, n_styles=3)
     shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 256, 256, 3)))
     fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
@@ -186,5 +185,4 @@ def test_wrong_checkpoint_is_one_error_line_and_no_output(out_dir):
     assert not out.exists() and not list(out_dir.glob(".tmp-*"))
     # A StyleGAN2 checkpoint (no encoder.* tensors) is refused the same way.
     with pytest.raises(WeightsError, match="no encoder"):
-        convert_psp.convert(argparse.Namespace(src=str(fixture("rosinality_sg2_256.pt")),
-                                               input_range="auto"))
+        convert_psp.convert(str(fixture("rosinality_sg2_256.pt")))
