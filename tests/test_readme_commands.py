@@ -68,7 +68,8 @@ SMALL_TABLES = ("--limit", "1", "--batch", "1", "--div-keys", "2", "--samples", 
 # One training step of batch 2 on the fixture-width networks, no samples, one checkpoint. A
 # converted release has the official conventions; the phase configs default to the paper's, and
 # the README's command lines fail on a converted release without this override.
-SMALL_TRAIN = ("--config.nets.conventions=official", "--config.total_steps=1", "--config.data.batch_size=2", "--config.data.num_threads=1",
+SMALL_TRAIN = ("--config.nets.conventions=official", "--config.total_steps=1",
+               "--config.data.batch_size=2", "--config.data.num_threads=1",
                "--config.data.prefetch_buffer_size=1", "--config.log_every=1",
                "--config.checkpoint_every=1", "--config.sample_every=0")
 TRAIN_FILES = ("--config.data.path", "data/ffhq_star", "--config.nets.dir", "weights/",
@@ -164,7 +165,8 @@ COMMANDS = {c: e for c, e in [
      "--config.data.path data/ffhq_star --config.nets.dir weights/ "
      "--config.loss_nets.lpips lpips_alex.safetensors "
      "--config.loss_nets.landmarks mobilefacenet.safetensors",
-     Entry("train_p1", add=SMALL_TRAIN, costly=TRAIN_COST, needs=("synthesize", "release", "lpips_alex", "mobilefacenet"),
+     Entry("train_p1", add=SMALL_TRAIN, costly=TRAIN_COST,
+           needs=("synthesize", "release", "lpips_alex", "mobilefacenet"),
            writes=("runs/p1/weights/manifest.json",))),
     ("python -m ifadit_jax.train --phase 2 --config configs/phase2.py --workdir runs/p2 "
      "--config.init_from runs/p1",
