@@ -160,11 +160,6 @@ _pipeline_identity = jax.jit(pipeline.identity)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _arcface_identity(module, variables, images01):
-    return module.apply(variables, images01 * 2.0 - 1.0, method="identity")
-
-
-@functools.partial(jax.jit, static_argnums=0)
 def _adaface_identity(module, variables, images01):
     x112 = arcface_lib.identity_crop_pool(images01)
     return module.apply(variables, adaface_lib.preprocess(x112))[0]
@@ -173,10 +168,12 @@ def _adaface_identity(module, variables, images01):
 def embed(nets: MetricNets, pipe_nets: pipeline.Nets, images) -> dict[str, jax.Array]:
     """Identity embeddings {"arcface": [B, 512], "adaface": [B, 512] if available} of aligned
     images [B, 256, 256, 3] in [0, 1] (unit vectors)."""
+    id_nets = pipe_nets
     if nets.arcface is not None:
-        out = {"arcface": _arcface_identity(nets.arcface.module, nets.arcface.variables, images)}
-    else:
-        out = {"arcface": _pipeline_identity(pipe_nets, images)}
+        # A separate evaluation ArcFace runs through the pipeline's own identity path (same
+        # crop, pooling and input range), standing in for E_ID.
+        id_nets = pipe_nets.replace(id_module=nets.arcface.module, id_vars=nets.arcface.variables)
+    out = {"arcface": _pipeline_identity(id_nets, images)}
     if nets.adaface is not None:
         out["adaface"] = _adaface_identity(nets.adaface.module, nets.adaface.variables, images)
     return out
@@ -343,17 +340,6 @@ def demo_dataset(n: int = 4) -> Dataset:
                    images=demo_faces(n))
 
 
-def _read_photo(path: str) -> np.ndarray:
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"), np.float32) / 255.0
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read image {path}: {e}") from None
-
-
 def iter_images(dataset: Dataset, detector=None) -> Iterator[tuple[int, np.ndarray | None]]:
     """(position in dataset, aligned image [256, 256, 3] in [0, 1] or None: no face found)."""
     from ifadit_jax import commands as faces_lib
@@ -362,7 +348,7 @@ def iter_images(dataset: Dataset, detector=None) -> Iterator[tuple[int, np.ndarr
         if dataset.images is not None:
             yield pos, dataset.images[pos]
         elif dataset.layout == "photo":
-            photo = _read_photo(os.path.join(dataset.root, rel))
+            photo = imageio.read_rgb(os.path.join(dataset.root, rel), min_size=1)
             found = faces_lib.detect_faces(detector, photo)
             yield pos, (align.warp_to_crop(photo, np.asarray(found[0].transform), CROP)
                         if found else None)
@@ -448,140 +434,197 @@ def _pairwise_mean_cos(e: np.ndarray) -> np.ndarray:
     return gram[:, iu[0], iu[1]].mean(axis=1)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What one `evaluate` call accumulates over its batches."""
+
+    pipe: pipeline.Pipeline
+    nets: MetricNets
+    key_scheme: KeyScheme
+    settings: Settings
+    needs: set[str]
+    vals: dict[str, list] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    samples: dict[str, list] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    digests: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fid_x: Any = None
+    fid_anon: Any = None
+
+    def key(self, stream: str, idx: list[int]) -> jax.Array:
+        """The keys of images `idx` in `stream`, padded to the batch size; their u are hashed."""
+        u = self.key_scheme.vectors(stream, idx)
+        self.digests.setdefault(stream, hashlib.sha256()).update(
+            np.ascontiguousarray(u, np.float32).tobytes())
+        return self.key_scheme.keys(self.pipe.nets, _pad(u, self.settings.batch))
+
+    def view(self, x: np.ndarray, k) -> np.ndarray:
+        """anonymize(x, k) clipped to [0, 1], as it would be viewed."""
+        return np.clip(np.asarray(self.pipe.anonymize(x, k, refine=self.settings.refine)[0]), 0.0, 1.0)
+
+    def add(self, name: str, values) -> None:
+        self.vals[name].append(np.asarray(values))
+
+
+@dataclasses.dataclass
+class _Batch:
+    """One padded batch: x [batch, 256, 256, 3]; the first n rows are real, the first `shown`
+    go into the sample grids."""
+
+    x: np.ndarray
+    idx: list[int]
+    n: int
+    shown: int
+    k: Any = None
+    x_anon: np.ndarray | None = None   # the raw anonymizer output
+    view: np.ndarray | None = None     # clipped (and quantized with --quantize)
+    e_x: dict | None = None
+    e_anon: dict | None = None
+
+
+def _anonymize_batch(run: _Run, images: list[np.ndarray], idx: list[int]) -> _Batch:
+    n = len(images)
+    shown = max(0, min(n, run.settings.samples - len(run.samples["original"])))
+    bt = _Batch(x=_pad(np.stack(images).astype(np.float32), run.settings.batch), idx=idx, n=n,
+                shown=shown)
+    bt.k = run.key("anon", idx)
+    bt.x_anon = np.asarray(run.pipe.anonymize(bt.x, bt.k, refine=run.settings.refine)[0])
+    bt.view = np.clip(bt.x_anon, 0.0, 1.0)
+    if run.settings.quantize:
+        bt.view = np.round(bt.view * 255.0) / 255.0
+    run.samples["original"].extend(bt.x[:shown])
+    run.samples["anonymized"].extend(bt.view[:shown])
+    if run.needs & {"embed", "diversity"}:
+        bt.e_x = {m: np.asarray(e) for m, e in embed(run.nets, run.pipe.nets, bt.x).items()}
+        bt.e_anon = {m: np.asarray(e) for m, e in embed(run.nets, run.pipe.nets, bt.view).items()}
+    return bt
+
+
+def _anonymization_values(run: _Run, bt: _Batch) -> None:
+    """Table 1: cosine and L1 between E(X_anon) and E(X)."""
+    for m in bt.e_x:
+        run.add(f"anon_cos_{m}", np.asarray(metrics.cosine(bt.e_anon[m], bt.e_x[m]))[:bt.n])
+        run.add(f"anon_l1_{m}", np.asarray(metrics.l1(bt.e_anon[m], bt.e_x[m]))[:bt.n])
+
+
+def _utility_values(run: _Run, bt: _Batch) -> None:
+    """Table 2: MTCNN on X and X_anon (largest face each), and the FID statistics."""
+    if "detect" in run.needs and run.nets.mtcnn is not None:
+        for i in range(bt.n):
+            d_x, d_a = _largest_face(run.nets.mtcnn, bt.x[i]), _largest_face(run.nets.mtcnn, bt.view[i])
+            run.add("det_original", [float(d_x is not None)])
+            run.add("det_anonymized", [float(d_a is not None)])
+            both = d_x is not None and d_a is not None
+            run.add("box_l1", [np.mean(np.abs(d_a[0] - d_x[0])) if both else np.nan])
+            run.add("landmark_l1", [np.mean(np.abs(d_a[1] - d_x[1])) if both else np.nan])
+            if i < bt.shown:
+                run.samples["det_original"].append(d_x)
+                run.samples["det_anonymized"].append(d_a)
+    if run.fid_x is not None:
+        run.fid_x.update(np.asarray(run.nets.inception(bt.x))[:bt.n])
+        run.fid_anon.update(np.asarray(run.nets.inception(bt.view))[:bt.n])
+
+
+def _recovery_values(run: _Run, bt: _Batch) -> None:
+    """Table 3: recover X_anon (raw, or 8-bit with --quantize) with the right and a wrong key."""
+    stored = bt.view if run.settings.quantize else bt.x_anon
+    k_wrong = run.key("wrong", bt.idx)
+    for which, kk in (("rec", bt.k), ("wrong", k_wrong)):
+        out = np.clip(np.asarray(run.pipe.recover(stored, kk, refine=run.settings.refine)[0]), 0.0, 1.0)
+        run.add(f"{which}_mse", np.asarray(metrics.mse(out, bt.x))[:bt.n])
+        run.add(f"{which}_psnr", np.asarray(metrics.psnr(out, bt.x))[:bt.n])
+        run.add(f"{which}_ssim", np.asarray(metrics.ssim(out, bt.x))[:bt.n])
+        if run.nets.lpips is not None:
+            run.add(f"{which}_lpips", np.asarray(run.nets.lpips(out, bt.x, normalize=True))[:bt.n])
+        for m, e in embed(run.nets, run.pipe.nets, out).items():
+            run.add(f"{which}_cos_{m}", np.asarray(metrics.cosine(e, bt.e_x[m]))[:bt.n])
+        run.samples["recovered" if which == "rec" else "wrong_key"].extend(out[:bt.shown])
+
+
+def _diversity_values(run: _Run, bt: _Batch) -> None:
+    """Table 4: X under K keys (the first is Table 1's); pairwise cosine and KFFA."""
+    per_key = {m: [bt.e_anon[m]] for m in bt.e_anon}
+    div_views = [bt.view]
+    for j in range(1, run.settings.div_keys):
+        out = run.view(bt.x, run.key(f"div{j}", bt.idx))
+        div_views.append(out)
+        for m, e in embed(run.nets, run.pipe.nets, out).items():
+            per_key[m].append(np.asarray(e))
+    for m, es in per_key.items():
+        e = np.stack(es, axis=1)[:bt.n]  # [n, K, D]
+        run.add(f"div_cos_{m}", _pairwise_mean_cos(e))
+        run.add(f"div_kffa_{m}", np.asarray(metrics.kffa(e)))
+    run.samples["diversity"].extend(np.stack(div_views, axis=1)[:bt.shown])
+
+
+def _evaluate_batch(run: _Run, images: list[np.ndarray], idx: list[int]) -> None:
+    bt = _anonymize_batch(run, images, idx)
+    if "embed" in run.needs:
+        _anonymization_values(run, bt)
+    _utility_values(run, bt)
+    if "recover" in run.needs:
+        _recovery_values(run, bt)
+    if "diversity" in run.needs:
+        _diversity_values(run, bt)
+
+
+def _batches(dataset: Dataset, detector, size: int, no_face: list[str]):
+    """Batches of at most `size` (images, positions in the dataset); images without a face
+    (photo layout) are appended to `no_face` and left out."""
+    images, positions = [], []
+    for pos, image in iter_images(dataset, detector):
+        if image is None:
+            no_face.append(dataset.files[pos])
+            continue
+        images.append(image)
+        positions.append(pos)
+        if len(images) == size:
+            yield images, positions
+            images, positions = [], []
+    if images:
+        yield images, positions
+
+
+def _fid_result(run: _Run) -> dict | None:
+    if "fid" not in run.needs or run.fid_x is None:
+        return None
+    fid_x, fid_anon = run.fid_x, run.fid_anon
+    if fid_x.count < 2:
+        return {"na": "FID needs at least 2 images"}
+    fid = {"n": fid_x.count, "feature_dim": int(fid_x.dim)}
+    with warnings.catch_warnings():
+        if fid_x.count <= fid_x.dim:  # singular covariances: expected, and noted instead
+            warnings.simplefilter("ignore")
+            fid["note"] = ("fewer images than feature dimensions: singular covariances, "
+                           "an unreliable estimate")
+        fid["value"] = fid_x.frechet_distance(fid_anon)
+    return fid
+
+
 def evaluate(pipe: pipeline.Pipeline, nets: MetricNets, dataset: Dataset, key_scheme: KeyScheme,
              settings: Settings, needs: set[str], progress: Callable | None = None) -> Result:
     """Runs the anonymizer (and what `needs` asks: "embed", "detect", "fid", "recover",
     "diversity") over `dataset` in batches of `settings.batch` (the last one padded)."""
     t0 = time.perf_counter()
-    b = settings.batch
-    vals: dict[str, list] = collections.defaultdict(list)
-    samples: dict[str, list] = collections.defaultdict(list)
-    digests = {s: hashlib.sha256() for s in ("anon", "wrong", *(f"div{j}" for j in range(1, settings.div_keys)))}
-    fid_x = fid_anon = None
-    if "fid" in needs and nets.inception is not None:
-        fid_x, fid_anon = metrics.FIDStatistics(), metrics.FIDStatistics()
     if dataset.layout == "photo" and nets.mtcnn is None:
         raise InputError(f"{dataset.name}: aligning photos (--align) needs MTCNN weights (--mtcnn)")
+    run = _Run(pipe, nets, key_scheme, settings, set(needs))
+    if "fid" in needs and nets.inception is not None:
+        run.fid_x, run.fid_anon = metrics.FIDStatistics(), metrics.FIDStatistics()
     files, indices, no_face = [], [], []
-
-    def run_batch(images: list[np.ndarray], idx: list[int]):
-        n = len(images)
-        x = _pad(np.stack(images).astype(np.float32), b)
-
-        def key(stream):
-            u = key_scheme.vectors(stream, idx)
-            digests[stream].update(np.ascontiguousarray(u, np.float32).tobytes())
-            return key_scheme.keys(pipe.nets, _pad(u, b))
-
-        k = key("anon")
-        x_anon = np.asarray(pipe.anonymize(x, k, refine=settings.refine)[0])
-        view = np.clip(x_anon, 0.0, 1.0)
-        if settings.quantize:
-            view = np.round(view * 255.0) / 255.0
-        stored = view if settings.quantize else x_anon
-        keep = slice(0, n)
-        s = slice(0, max(0, min(n, settings.samples - len(samples["original"]))))
-        take_samples = s.stop > 0
-        if take_samples:
-            samples["original"].extend(x[s])
-            samples["anonymized"].extend(view[s])
-
-        e_x = e_anon = None
-        if needs & {"embed", "diversity"}:
-            e_x = {m: np.asarray(e) for m, e in embed(nets, pipe.nets, x).items()}
-            e_anon = {m: np.asarray(e) for m, e in embed(nets, pipe.nets, view).items()}
-        if "embed" in needs:
-            for m in e_x:
-                vals[f"anon_cos_{m}"].append(np.asarray(metrics.cosine(e_anon[m], e_x[m]))[keep])
-                vals[f"anon_l1_{m}"].append(np.asarray(metrics.l1(e_anon[m], e_x[m]))[keep])
-
-        if "detect" in needs and nets.mtcnn is not None:
-            for i in range(n):
-                d_x, d_a = _largest_face(nets.mtcnn, x[i]), _largest_face(nets.mtcnn, view[i])
-                vals["det_original"].append([float(d_x is not None)])
-                vals["det_anonymized"].append([float(d_a is not None)])
-                both = d_x is not None and d_a is not None
-                vals["box_l1"].append([np.mean(np.abs(d_a[0] - d_x[0])) if both else np.nan])
-                vals["landmark_l1"].append([np.mean(np.abs(d_a[1] - d_x[1])) if both else np.nan])
-                if take_samples and i < s.stop:
-                    samples["det_original"].append(d_x)
-                    samples["det_anonymized"].append(d_a)
-        if fid_x is not None:
-            fid_x.update(np.asarray(nets.inception(x))[keep])
-            fid_anon.update(np.asarray(nets.inception(view))[keep])
-
-        if "recover" in needs:
-            k_wrong = key("wrong")
-            for which, kk in (("rec", k), ("wrong", k_wrong)):
-                out = np.clip(np.asarray(pipe.recover(stored, kk, refine=settings.refine)[0]), 0.0, 1.0)
-                vals[f"{which}_mse"].append(np.asarray(metrics.mse(out, x))[keep])
-                vals[f"{which}_psnr"].append(np.asarray(metrics.psnr(out, x))[keep])
-                vals[f"{which}_ssim"].append(np.asarray(metrics.ssim(out, x))[keep])
-                if nets.lpips is not None:
-                    vals[f"{which}_lpips"].append(np.asarray(nets.lpips(out, x, normalize=True))[keep])
-                for m, e in embed(nets, pipe.nets, out).items():
-                    vals[f"{which}_cos_{m}"].append(np.asarray(metrics.cosine(e, e_x[m]))[keep])
-                if take_samples:
-                    samples["recovered" if which == "rec" else "wrong_key"].extend(out[s])
-
-        if "diversity" in needs:
-            per_key = {m: [e_anon[m]] for m in e_anon}
-            div_views = [view]
-            for j in range(1, settings.div_keys):
-                out = np.clip(np.asarray(pipe.anonymize(x, key(f"div{j}"), refine=settings.refine)[0]), 0.0, 1.0)
-                div_views.append(out)
-                for m, e in embed(nets, pipe.nets, out).items():
-                    per_key[m].append(np.asarray(e))
-            for m, es in per_key.items():
-                e = np.stack(es, axis=1)[keep]  # [n, K, D]
-                vals[f"div_cos_{m}"].append(_pairwise_mean_cos(e))
-                vals[f"div_kffa_{m}"].append(np.asarray(metrics.kffa(e)))
-            if take_samples:
-                samples["diversity"].extend(np.stack(div_views, axis=1)[s])
-
-    batch_imgs, batch_idx = [], []
-    for pos, image in iter_images(dataset, nets.mtcnn):
-        if image is None:
-            no_face.append(dataset.files[pos])
-            continue
-        files.append(dataset.files[pos])
-        indices.append(int(dataset.indices[pos]))
-        batch_imgs.append(image)
-        batch_idx.append(int(dataset.indices[pos]))
-        if len(batch_imgs) == b:
-            run_batch(batch_imgs, batch_idx)
-            batch_imgs, batch_idx = [], []
-            if progress:
-                progress(len(files))
-    if batch_imgs:
-        run_batch(batch_imgs, batch_idx)
+    for images, positions in _batches(dataset, nets.mtcnn, settings.batch, no_face):
+        idx = [int(dataset.indices[p]) for p in positions]
+        files += [dataset.files[p] for p in positions]
+        indices += idx
+        _evaluate_batch(run, images, idx)
         if progress:
             progress(len(files))
     if not files:
         raise InputError(f"{dataset.name}: no face found in any of the {len(dataset.files)} images")
-
-    fid = None
-    if "fid" in needs:
-        if fid_x is None:
-            fid = None
-        elif fid_x.count < 2:
-            fid = {"na": "FID needs at least 2 images"}
-        else:
-            fid = {"n": fid_x.count, "feature_dim": int(fid_x.dim)}
-            with warnings.catch_warnings():
-                if fid_x.count <= fid_x.dim:  # singular covariances: expected, and noted instead
-                    warnings.simplefilter("ignore")
-                    fid["note"] = ("fewer images than feature dimensions: singular covariances, "
-                                   "an unreliable estimate")
-                fid["value"] = fid_x.frechet_distance(fid_anon)
     values = {name: np.concatenate([np.asarray(v, np.float64).ravel() for v in parts])
-              for name, parts in vals.items()}
-    used = {"anon"} | ({"wrong"} if "recover" in needs else set()) | (
-        {f"div{j}" for j in range(1, settings.div_keys)} if "diversity" in needs else set())
+              for name, parts in run.vals.items()}
     return Result(dataset=dataset, weights_id=pipe.weights_id, files=files, indices=indices,
-                  values=values, fid=fid, samples=dict(samples), no_face=no_face,
+                  values=values, fid=_fid_result(run), samples=dict(run.samples), no_face=no_face,
                   seconds=time.perf_counter() - t0,
-                  key_digests={s: h.hexdigest() for s, h in digests.items() if s in used})
+                  key_digests={s: h.hexdigest() for s, h in run.digests.items()})
 
 
 # ----------------------------------------------------------------------------------------------

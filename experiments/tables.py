@@ -289,15 +289,33 @@ CAPTION = 14
 HEADER = 18
 
 
+def _box_on_tile(box, scale: float, size: int) -> list[float] | None:
+    """`box` (x0, y0, x1, y1) in image pixels -> the rectangle to draw on a `size` tile, or None.
+
+    A detector (the demo's random one above all) can return corners in either order, boxes
+    partly or wholly outside the image, or NaN; Pillow refuses x1 < x0, so the corners are
+    ordered and clipped to the tile, and a box with nothing left inside is not drawn."""
+    b = np.asarray(box, np.float64).reshape(-1)
+    if b.shape != (4,) or not np.all(np.isfinite(b)):
+        return None
+    x0, x1 = sorted(np.clip(b[[0, 2]] * scale, 0.0, size - 1.0))
+    y0, y1 = sorted(np.clip(b[[1, 3]] * scale, 0.0, size - 1.0))
+    return None if x0 == x1 or y0 == y1 else [float(x0), float(y0), float(x1), float(y1)]
+
+
 def _tile(img: np.ndarray, size: int, detection=None) -> Image.Image:
     tile = Image.fromarray(imageio.to_uint8(img)).resize((size, size), Image.LANCZOS)
     if detection is not None:
         box, lm = detection
         s = size / img.shape[0]
         draw = ImageDraw.Draw(tile)
-        draw.rectangle([float(v) * s for v in box], outline=(0, 255, 0), width=2)
-        for x, y in lm:
-            draw.ellipse([x * s - 2, y * s - 2, x * s + 2, y * s + 2], fill=(255, 0, 0))
+        rect = _box_on_tile(box, s, size)
+        if rect is not None:
+            draw.rectangle(rect, outline=(0, 255, 0), width=2)
+        for x, y in np.asarray(lm, np.float64).reshape(-1, 2):
+            # Points off the tile or NaN (random detectors) are not drawn.
+            if np.isfinite(x) and np.isfinite(y) and 0 <= x * s < size and 0 <= y * s < size:
+                draw.ellipse([x * s - 2, y * s - 2, x * s + 2, y * s + 2], fill=(255, 0, 0))
     return tile
 
 
@@ -433,27 +451,16 @@ DEMO_NOTE = ("DEMO: the networks have RANDOM weights (built-in demo or test fixt
              "test the machinery and mean nothing.")
 
 
-def produce(names: Sequence[str], pipes: dict[str, Any], datasets: Sequence[ev.Dataset],
-            nets: ev.MetricNets, key_scheme: ev.KeyScheme, settings: ev.Settings, *,
-            pipe_sources: dict[str, str] | None = None, out_dir: str | None = None,
-            command: str = "", demo: bool = False, progress: bool = True) -> dict[str, Table]:
-    """Evaluates every pipeline on every dataset once (with what all `names` need) and builds
-    the tables; writes them to `out_dir` if given.
-
-    names: "table1".."table4" (with one pipeline) or "table5" (pipes: variant -> pipeline).
-    """
-    if "table5" in names and len(names) > 1:
-        raise InputError("table5 is produced on its own (it takes the ablation folders)")
-    if "table5" not in names and len(pipes) != 1:
-        raise InputError("tables 1-4 evaluate one weights folder")
+def _evaluate_all(names, pipes, datasets, nets, key_scheme, settings,
+                  progress: bool) -> dict[str, list[ev.Result]]:
+    """variant -> one Result per dataset, computing once what all `names` need."""
     needs = set().union(*(ev.NEEDS[n] for n in names))
-    total = len(pipes) * sum(len(d.files) for d in datasets)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="image", disable=None, leave=False)
-    t0 = time.perf_counter()
+        bar = tqdm(total=len(pipes) * sum(len(d.files) for d in datasets), unit="image",
+                   disable=None, leave=False)
     results: dict[str, list[ev.Result]] = {}
     for variant, pipe in pipes.items():
         results[variant] = []
@@ -468,8 +475,14 @@ def produce(names: Sequence[str], pipes: dict[str, Any], datasets: Sequence[ev.D
             results[variant].append(ev.evaluate(pipe, nets, d, key_scheme, settings, needs, step))
     if bar is not None:
         bar.close()
+    return results
+
+
+def _run_meta(names, pipes, results, nets, key_scheme, settings, pipe_sources, command,
+              demo: bool, seconds: float) -> dict:
+    """What every table's JSON and settings section record about the run."""
     first = next(iter(results.values()))
-    meta = {
+    return {
         "command": command,
         "pipelines": [{**ev.describe_pipeline(p, (pipe_sources or {}).get(v, "")),
                        **({"variant": v} if "table5" in names else {})} for v, p in pipes.items()],
@@ -479,18 +492,35 @@ def produce(names: Sequence[str], pipes: dict[str, Any], datasets: Sequence[ev.D
                  "u_sha256": {r.dataset.name: r.key_digests for r in first}},
         "settings": dataclasses.asdict(settings),
         "metric_networks": nets.sources,
-        "seconds": {"total": round(time.perf_counter() - t0, 2),
+        "seconds": {"total": round(seconds, 2),
                     **{f"{v}/{r.dataset.name}": round(r.seconds, 2) for v, rs in results.items() for r in rs}},
         "versions": {"ifadit_jax": getattr(ifadit_jax, "__version__", ""), "jax": jax.__version__,
                      "backend": jax.default_backend()},
         "demo": demo,
     }
+
+
+def produce(names: Sequence[str], pipes: dict[str, Any], datasets: Sequence[ev.Dataset],
+            nets: ev.MetricNets, key_scheme: ev.KeyScheme, settings: ev.Settings, *,
+            pipe_sources: dict[str, str] | None = None, out_dir: str | None = None,
+            command: str = "", demo: bool = False, progress: bool = True) -> dict[str, Table]:
+    """Evaluates every pipeline on every dataset once (with what all `names` need) and builds
+    the tables; writes them to `out_dir` if given.
+
+    names: "table1".."table4" (with one pipeline) or "table5" (pipes: variant -> pipeline).
+    """
+    if "table5" in names and len(names) > 1:
+        raise InputError("table5 is produced on its own (it takes the ablation folders)")
+    if "table5" not in names and len(pipes) != 1:
+        raise InputError("tables 1-4 evaluate one weights folder")
+    t0 = time.perf_counter()
+    results = _evaluate_all(names, pipes, datasets, nets, key_scheme, settings, progress)
+    meta = _run_meta(names, pipes, results, nets, key_scheme, settings, pipe_sources, command,
+                     demo, time.perf_counter() - t0)
+    first = next(iter(results.values()))
     tables = {}
     for name in names:
-        if name == "table5":
-            table = table5(results, nets, meta)
-        else:
-            table = BUILDERS[name](first, nets, meta)
+        table = table5(results, nets, meta) if name == "table5" else BUILDERS[name](first, nets, meta)
         if demo:
             table.notes.insert(0, DEMO_NOTE)
         tables[name] = table

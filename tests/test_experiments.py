@@ -419,3 +419,40 @@ def test_cli_error_is_one_line(faces_dir, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "manifest.json" in lines[0]
     assert not out.exists()
+
+
+def test_sample_grid_draws_degenerate_and_outside_boxes():
+    """A random detector (the demo's) returns corners in either order, boxes off the image and
+    NaN; the grid draws what lies inside the tile and nothing else (README's `all --demo` once
+    crashed here)."""
+    # Tile 100 px for a 50 px image: scale 2; coordinates are clipped to [0, 99].
+    assert tables._box_on_tile([30, 40, 10, 5], 2.0, 100) == [20.0, 10.0, 60.0, 80.0]
+    assert tables._box_on_tile([-10, 20, 80, 30], 2.0, 100) == [0.0, 40.0, 99.0, 60.0]
+    assert tables._box_on_tile([60, 60, 70, 90], 2.0, 100) is None    # wholly right of the image
+    assert tables._box_on_tile([10, 10, 10, 30], 2.0, 100) is None    # zero width
+    assert tables._box_on_tile([np.nan, 1, 2, 3], 2.0, 100) is None
+    image = np.zeros((50, 50, 3), np.float32)
+    detections = [(np.array([30.0, 40.0, 10.0, 5.0]), np.array([[np.nan, 1.0], [500.0, 2.0], [10.0, 10.0]])),
+                  (np.array([60.0, 60.0, 70.0, 90.0]), np.zeros((5, 2))), None]
+    canvas = tables.grid("t", ["a", "b", "c"], [[(image, "x", d) for d in detections]], tile=100)
+    tiles = np.asarray(canvas)[2 * tables.HEADER:2 * tables.HEADER + 100]
+    first = tiles[:, :100]
+    # the reordered box's outline (green) at x = 20..60, y = 10..80, and the one landmark in range
+    assert tuple(first[10, 40]) == (0, 255, 0) and tuple(first[45, 20]) == (0, 255, 0)
+    assert tuple(first[20, 20]) == (255, 0, 0)
+    assert tuple(first[45, 40]) == (0, 0, 0)                          # inside the box: untouched
+    # the box off the image leaves nothing but its in-range landmarks at (0, 0)
+    assert not np.any(tiles[:, 100:200][5:, 5:])
+    assert not np.any(tiles[:, 200:300])
+
+
+def test_separate_arcface_is_evaluated_on_the_official_idloss_path(pipe, tmp_path):
+    """`--arcface FILE` embeds through pipeline.identity with that network standing in for E_ID:
+    the official IDLoss features of the fixture (x in [-1, 1] -> ours in [0, 1])."""
+    path = convert("convert_arcface.py", str(fixture("arcface_ir_se50.pth")), out=tmp_path / "arcface.safetensors")
+    nets = ev.load_metric_nets({"arcface": str(path)})
+    with np.load(fixture("arcface_ir_se50_io.npz")) as io:
+        x256, want = np.transpose(io["x256"], (0, 2, 3, 1)), io["id_feats"]
+    got = ev.embed(nets, pipe.nets, (x256 + 1.0) / 2.0)["arcface"]
+    # test_arcface.py's tolerance for id_feats (10x the float64-vs-float32 difference)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-6)

@@ -9,11 +9,9 @@ Images (`load_image`):
 - folder: `*.png, *.jpg, *.jpeg, *.webp` (any letter case), found recursively, hidden files and
   folders (names starting with ".") skipped, sorted by their relative POSIX path, so the order
   (and with it the split) is the same on every machine.
-- decoded with Pillow; the EXIF orientation of photos is applied;
-- colour modes are CONVERTED to RGB: grayscale ("L", "1") is replicated into three channels,
-  palette images are expanded, CMYK/YCbCr are converted by Pillow, and an alpha channel
-  (RGBA, LA, PA) is DROPPED (colours kept as stored, not composited: face crops are opaque).
-  16-bit and float images ("I;16", "I", "F") are REJECTED (InputError naming the file);
+- decoded by `ifadit_jax.imageio.read_rgb`, the project's one image reader (its docstring and
+  the README give the EXIF orientation and colour-mode rules), so training, the experiments and
+  the command lines see the same pixels for the same file;
 - an image that is not square is centre-cropped to a square (the shorter side); an image whose
   size differs from S is resized to S x S with Pillow's LANCZOS filter (antialiased, the usual
   choice when FFHQ's 1024 px crops are reduced to 256 px). Images already S x S are not touched.
@@ -35,16 +33,14 @@ import re
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from ifadit_jax import imageio
 from ifadit_jax.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SPLITS = ("train", "val")
 RESAMPLE = Image.Resampling.LANCZOS
-# Pillow modes that convert to 8-bit RGB without losing meaning (alpha is dropped).
-_CONVERTIBLE_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "LA", "La", "PA", "RGBa", "CMYK",
-                      "YCbCr"}
 
 # FFHQ* layout (written by `ifadit_jax.data.synthesize`):
 #   DIR/meta.json                 settings (format FFHQ_STAR_FORMAT, n, seed, truncation, generator)
@@ -66,27 +62,21 @@ def ffhq_star_image_name(i: int) -> str:
 
 def load_image(path: str | os.PathLike, size: int = 256) -> np.ndarray:
     """Reads one image file -> uint8 [size, size, 3] RGB (see the module docstring for the
-    colour-mode, crop and resize rules). Raises InputError naming the file if it cannot be used."""
+    crop and resize rules). Raises InputError naming the file if it cannot be used."""
     path = os.fspath(path)
     try:
-        with Image.open(path) as im:
-            if im.mode not in _CONVERTIBLE_MODES:
-                raise InputError(f"cannot use image {path}: unsupported colour mode {im.mode} "
-                                 "(16-bit or float); convert it to 8-bit RGB")
-            im = ImageOps.exif_transpose(im)
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            w, h = im.size
-            if (w, h) != (size, size):
-                s = min(w, h)
-                left, top = (w - s) // 2, (h - s) // 2
-                im = im.resize((size, size), RESAMPLE, box=(left, top, left + s, top + s))
-            arr = np.asarray(im, dtype=np.uint8)
-    except InputError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise InputError(f"cannot read image {path}: {e}") from None
-    return arr
+        # The one reader of the project: the CLIs, the training data and the experiments decode
+        # (EXIF orientation, colour modes) the same way.
+        rgb = imageio.to_uint8(imageio.read_rgb(path, min_size=1))
+    except (SyntaxError, Image.DecompressionBombError) as e:
+        raise InputError(f"cannot read image {path}: {e}"[:300]) from None
+    h, w = rgb.shape[:2]
+    if (w, h) == (size, size):
+        return rgb
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    im = Image.fromarray(rgb).resize((size, size), RESAMPLE, box=(left, top, left + s, top + s))
+    return np.asarray(im, dtype=np.uint8)
 
 
 def list_images(root: str | os.PathLike) -> list[str]:

@@ -143,16 +143,9 @@ def _write_png(path: str, image: np.ndarray, mode: int) -> None:
         os.chmod(tmp, mode)
 
 
-def synthesize(weights_path: str, out: str, n: int, *, truncation: float = 0.7, seed: int = 0,
-               batch: int | None = None, progress: bool = True) -> dict:
-    """Writes (or completes) the FFHQ* set of `n` images in `out`; returns its meta.json content."""
-    import jax
-    import jax.numpy as jnp
-    from tqdm import tqdm
-
-    from ifadit_jax import weights
-    from ifadit_jax.nets import stylegan2
-
+def _check_arguments(weights_path: str, out: str, n: int, *, truncation: float, seed: int,
+                     batch: int | None) -> None:
+    """Every argument error is found before the generator is loaded."""
     if n < 1:
         raise InputError(f"--n must be at least 1, got {n}")
     if batch is not None and batch < 1:
@@ -163,19 +156,21 @@ def synthesize(weights_path: str, out: str, n: int, *, truncation: float = 0.7, 
         raise InputError(f"--truncation must be a finite number, got {truncation}")
     if not os.path.isfile(weights_path):
         raise InputError(f"weights file does not exist: {weights_path}")
-    out = os.fspath(out)
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise InputError(f"parent folder of --out does not exist: {parent}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out is a file, not a folder: {out}")
-    old = _read_existing_meta(out)
 
-    variables, wmeta = weights.read(weights_path, kind="stylegan2")
-    G = stylegan2.from_weights(variables, wmeta)
-    if batch is None:
-        batch = int(old["batch"]) if old else DEFAULT_BATCH
-    meta = {
+
+def _describe(G, wmeta, weights_path: str, *, n: int, seed: int, truncation: float,
+              batch: int) -> dict:
+    """The meta.json content of the set (module docstring)."""
+    import jax
+
+    from ifadit_jax import weights
+
+    return {
         "format": sources.FFHQ_STAR_FORMAT,
         "n": n,
         "seed": seed,
@@ -197,23 +192,29 @@ def synthesize(weights_path: str, out: str, n: int, *, truncation: float = 0.7, 
                       "source_sha256": wmeta.source_sha256,
                       "converter_version": wmeta.converter_version},
     }
-    if old is not None:
-        _check_resume(old, meta)
 
+
+def _prepare_folder(out: str, meta: dict, mode: int) -> set[int]:
+    """Creates (or tidies) the folder, writes meta.json and latents.npy; returns the indices of
+    the images already written."""
     images_dir = os.path.join(out, sources.FFHQ_STAR_IMAGES)
     os.makedirs(images_dir, exist_ok=True)
     for name in os.listdir(out):
         if _TMP.match(name):
             os.unlink(os.path.join(out, name))
-    mode = _file_mode()
     with atomic_path(os.path.join(out, sources.FFHQ_STAR_META)) as tmp:
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
             f.write("\n")
         os.chmod(tmp, mode)
-    latents_path = os.path.join(out, sources.FFHQ_STAR_LATENTS)
-    _ensure_latents(latents_path, n, G.w_dim, mode)
-    done = _done_indices(images_dir, n)
+    _ensure_latents(os.path.join(out, sources.FFHQ_STAR_LATENTS), meta["n"], meta["w_dim"], mode)
+    return _done_indices(images_dir, meta["n"])
+
+
+def _generator_fn(G, seed: int, truncation: float, batch: int):
+    """start -> (W [batch, w_dim], uint8 images [batch, res, res, 3]) of images start..start+batch-1."""
+    import jax
+    import jax.numpy as jnp
 
     key = jax.random.key(seed)
     z_fn = jax.jit(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (G.z_dim,))))
@@ -224,35 +225,66 @@ def synthesize(weights_path: str, out: str, n: int, *, truncation: float = 0.7, 
         w = G.mapping(z_fn(idx), truncation=truncation)
         return w, to_uint8(G.synthesis(w, noise_mode="const"))
 
-    latents = np.lib.format.open_memmap(latents_path, mode="r+")
+    return generate
+
+
+def _write_batch(out: str, latents, done: set[int], mode: int, pool, start: int, w, imgs) -> int:
+    """Writes batch `start`'s latent rows, then its images not yet written; returns how many."""
+    n, batch = latents.shape[0], len(w)
+    w, imgs = np.asarray(w), np.asarray(imgs)
+    need = [i for i in range(start, min(start + batch, n)) if i not in done]
+    # Latent rows first: an image on disk always has its latent.
+    m = min(batch, n - start)
+    latents[start: start + m] = w[:m]
+    latents.flush()
+    images_dir = os.path.join(out, sources.FFHQ_STAR_IMAGES)
+    paths = [os.path.join(images_dir, sources.ffhq_star_image_name(i)) for i in need]
+    list(pool.map(_write_png, paths, [imgs[i - start] for i in need], [mode] * len(need)))
+    return len(need)
+
+
+def _generate_missing(out: str, generate, done: set[int], n: int, batch: int, mode: int,
+                      progress: bool) -> None:
+    from tqdm import tqdm
+
+    latents = np.lib.format.open_memmap(os.path.join(out, sources.FFHQ_STAR_LATENTS), mode="r+")
     todo = [s for s in range(0, n, batch)
             if any(i not in done for i in range(s, min(s + batch, n)))]
     bar = tqdm(total=n, initial=len(done), unit="img", desc="FFHQ*", disable=not progress)
     workers = max(1, min(8, os.cpu_count() or 1))
-
-    def write(start, w, imgs, pool):
-        w, imgs = np.asarray(w), np.asarray(imgs)
-        need = [i for i in range(start, min(start + batch, n)) if i not in done]
-        # Latent rows first: an image on disk always has its latent.
-        m = min(batch, n - start)
-        latents[start: start + m] = w[:m]
-        latents.flush()
-        paths = [os.path.join(images_dir, sources.ffhq_star_image_name(i)) for i in need]
-        list(pool.map(_write_png, paths, [imgs[i - start] for i in need], [mode] * len(need)))
-        bar.update(len(need))
-
     try:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             pending = None
             for start in todo:
                 result = generate(start)  # dispatched asynchronously; overlaps the writes below
                 if pending is not None:
-                    write(*pending, pool)
+                    bar.update(_write_batch(out, latents, done, mode, pool, *pending))
                 pending = (start, *result)
             if pending is not None:
-                write(*pending, pool)
+                bar.update(_write_batch(out, latents, done, mode, pool, *pending))
     finally:
         bar.close()
+
+
+def synthesize(weights_path: str, out: str, n: int, *, truncation: float = 0.7, seed: int = 0,
+               batch: int | None = None, progress: bool = True) -> dict:
+    """Writes (or completes) the FFHQ* set of `n` images in `out`; returns its meta.json content."""
+    from ifadit_jax import weights
+    from ifadit_jax.nets import stylegan2
+
+    out = os.fspath(out)
+    _check_arguments(weights_path, out, n, truncation=truncation, seed=seed, batch=batch)
+    old = _read_existing_meta(out)
+    variables, wmeta = weights.read(weights_path, kind="stylegan2")
+    G = stylegan2.from_weights(variables, wmeta)
+    if batch is None:
+        batch = int(old["batch"]) if old else DEFAULT_BATCH
+    meta = _describe(G, wmeta, weights_path, n=n, seed=seed, truncation=truncation, batch=batch)
+    if old is not None:
+        _check_resume(old, meta)
+    mode = _file_mode()
+    done = _prepare_folder(out, meta, mode)
+    _generate_missing(out, _generator_fn(G, seed, truncation, batch), done, n, batch, mode, progress)
     return meta
 
 
