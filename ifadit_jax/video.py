@@ -380,17 +380,49 @@ def _count_check(path: str, n: int, expected: int | None) -> None:
                          "its sidecar belongs to another video); nothing written")
 
 
+def _declared_seconds(container) -> float | None:
+    """The video stream's duration as the container declares it (Matroska's DURATION tag, the
+    stream's own duration, or the file's when the video is its only stream)."""
+    video = container.streams.video[0]
+    tag = video.metadata.get("DURATION") or video.metadata.get("duration")
+    if tag:
+        try:
+            h, m, sec = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(sec)
+        except ValueError:
+            pass
+    if video.duration and video.time_base:
+        return float(video.duration * video.time_base)
+    if len(container.streams) == 1 and container.duration:
+        return container.duration / 1e6
+    return None
+
+
+def _check_complete(container, path: str, n: int, last: Frame | None) -> None:
+    """A truncated file often decodes without an error, just fewer frames: compare the end of
+    the last frame with the declared duration (and the declared frame count where there is one)."""
+    _count_check(path, n, None)
+    video = container.streams.video[0]
+    step = 1 / float(_rate(video))
+    declared = _declared_seconds(container)
+    end = float(last.pts * last.time_base) + step - float((video.start_time or 0) * (video.time_base or 0))
+    if (video.frames and n < video.frames) or (declared and end < declared - 2 * step - 0.05):
+        raise InputError(f"{path}: the video is truncated or corrupt: {n} frames were decodable "
+                         f"(up to {end:.2f} s of {declared or 0:.2f} s); nothing written")
+
+
 def track_pass(pipe, detector, path: str, batch: int = 4, min_prob: float = 0.9,
                min_size: float = 20.0, quiet: bool = True) -> tuple[list[Track], Clip]:
     """Pass 1 of anonymization: detect, embed and track every face -> (tracks, clip)."""
     from ifadit_jax.commands import detect_faces
 
-    tracker, clip = Tracker(), None
+    tracker, clip, last = Tracker(), None, None
     with _open(path) as container:
         bar = _progress(container.streams.video[0].frames, "tracking", quiet)
         for frame in decode(container, path):
             if clip is None:
                 clip = Clip(0, frame.rgb.shape[:2], frame.time_base, frame.rotation)
+            last = frame
             found = detect_faces(detector, frame.rgb.astype(np.float32) / 255.0, min_prob, min_size)
             found = found[:sidecar.MAX_VIDEO_FACES_PER_FRAME]  # largest first
             if found:
@@ -399,7 +431,7 @@ def track_pass(pipe, detector, path: str, batch: int = 4, min_prob: float = 0.9,
             clip.frames += 1
             bar.update()
         bar.close()
-    _count_check(path, 0 if clip is None else clip.frames, None)
+        _check_complete(container, path, 0 if clip is None else clip.frames, last)
     return tracker.tracks, clip
 
 
@@ -488,7 +520,7 @@ def _identity_pass(pipe, path: str, side: sidecar.VideoSidecar, batch: int, quie
     """Recovery pass 1: the normalized mean E_ID of each track over the anonymized frames, from
     the recorded transforms -> ([tracks, 512], Clip)."""
     by_frame = _faces_by_frame([t for t in side.tracks], range(len(side.tracks)))
-    sums, clip = np.zeros((len(side.tracks), 512)), None
+    sums, clip, last = np.zeros((len(side.tracks), 512)), None, None
     with _open(path) as container:
         bar = _progress(side.frames, "reading identities", quiet)
         for frame in decode(container, path):
@@ -498,7 +530,7 @@ def _identity_pass(pipe, path: str, side: sidecar.VideoSidecar, batch: int, quie
                     raise sidecar.SidecarError(
                         f"{sidecar.path_for(path)}: size: records {side.size[1]}x{side.size[0]} "
                         f"but the video is {clip.size[1]}x{clip.size[0]}")
-            faces = by_frame.get(frame.index, [])
+            last, faces = frame, by_frame.get(frame.index, [])
             if faces:
                 ids = identities(pipe, _crops(frame.rgb, [a for a, _ in faces]), batch)
                 for (_, t), z in zip(faces, ids):
@@ -506,7 +538,8 @@ def _identity_pass(pipe, path: str, side: sidecar.VideoSidecar, batch: int, quie
             clip.frames += 1
             bar.update()
         bar.close()
-    _count_check(path, 0 if clip is None else clip.frames, side.frames)
+        _check_complete(container, path, 0 if clip is None else clip.frames, last)
+    _count_check(path, clip.frames, side.frames)
     return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12), clip
 
 
@@ -523,3 +556,93 @@ def recover_video(pipe, src: str, dst: str, k, side: sidecar.VideoSidecar, *, ba
     _write_outputs(dst, record, lambda tmp: render_pass(pipe, src, tmp, by_frame, clip, side.refine,
                                                         opts, batch, quiet))
     return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines (dispatched from `ifadit_jax.commands` when the input is a video)
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group("video options")
+    g.add_argument("--codec", choices=("ffv1", "h264"), default="ffv1",
+                   help="output codec: ffv1 (lossless, default; recovery exact up to the networks) "
+                        "or h264 (lossy: recovery degrades)")
+    g.add_argument("--crf", type=int, default=18, help="h264 quality, 0-51 (default 18)")
+    g.add_argument("--keep-audio", action="store_true",
+                   help="copy the audio streams unchanged (default: dropped; voices identify people)")
+
+
+def plan_output(src: str, dst: str, force: bool, codec: str = "ffv1") -> str:
+    """Checks the output path of a video job -> the path to write."""
+    from ifadit_jax.commands import _owned_state
+
+    if os.path.isdir(dst):
+        dst = os.path.join(dst, os.path.splitext(os.path.basename(src))[0] + ".mkv")
+    allowed = (".mkv",) if codec == "ffv1" else (".mkv", ".mp4", ".mov")
+    if os.path.splitext(dst)[1].lower() not in allowed:
+        raise InputError(f"{dst}: a {codec} video output needs one of the extensions {', '.join(allowed)}")
+    if files.real(dst) == files.real(src) or files.real(sidecar.path_for(dst)) == files.real(src):
+        raise InputError("output would overwrite the input")
+    state = _owned_state(dst)
+    if state == "ours" and not force:
+        raise InputError(f"output exists, not overwriting (use --force): {dst}")
+    if state not in ("absent", "ours"):
+        raise InputError(f"{dst}: {state}; not replacing it")
+    parent = os.path.dirname(dst) or "."
+    if not os.path.isdir(parent):
+        raise InputError(f"output directory does not exist: {parent}")
+    return dst
+
+
+def _check_video_flags(args) -> None:
+    if getattr(args, "aligned", False):
+        raise InputError("--aligned is for 256x256 face images, not videos")
+    if not 0 <= getattr(args, "crf", 18) <= 51:
+        raise InputError("--crf must be 0 to 51")
+
+
+def anonymize_command(args, kdf) -> int:
+    """`python -m ifadit_jax.anonymize clip.mp4 out.mkv ...` (args from commands' parser)."""
+    from ifadit_jax import cli, commands
+
+    _check_video_flags(args)
+    _open(args.input).close()  # not a video: one error line before the weights load
+    dst = plan_output(args.input, args.output, args.force, args.codec)
+    if args.codec == "h264":
+        print("warning: h264 is lossy: recovery from it will be degraded; the default ffv1 is "
+              "lossless", file=sys.stderr)
+    cli.setup(args)
+    pipe = pipeline_lib.load(args.weights)
+    detector = commands.load_detector(args.weights, args.detector)
+    key = (commands._vector_key(pipe, args.key_vector) if kdf is None
+           else commands._secret_key(pipe, args, kdf, args.key_check))
+    opts = EncodeOptions(codec=args.codec, crf=args.crf, keep_audio=args.keep_audio)
+    anonymize_video(pipe, args.input, dst, key.k, detector=detector, key_record=key.record,
+                    refine=not args.no_refine, opts=opts, batch=args.batch,
+                    min_prob=args.det_threshold, min_size=args.min_face_size, quiet=args.quiet)
+    if not args.quiet:
+        print(dst)
+    return 0
+
+
+def recover_command(args) -> int:
+    """`python -m ifadit_jax.recover out.mkv rec.mkv ...`: reads OUT.mkv.json, never detects."""
+    from ifadit_jax import cli, commands
+
+    _open(args.input).close()
+    side_path = sidecar.path_for(args.input)
+    if not os.path.lexists(side_path):
+        raise InputError(f"{args.input}: no sidecar {os.path.basename(side_path)} (recovery needs "
+                         "the file written beside the anonymized video)")
+    side = sidecar.read_video(side_path, args.kdf_allow_costly)
+    dst = plan_output(args.input, args.output, args.force)
+    cli.setup(args)
+    pipe = pipeline_lib.load(args.weights)
+    if side.weights_id != pipe.weights_id or side.conventions != pipe.conventions.name:
+        raise InputError(f"{args.input}: anonymized with weights {sidecar.printable(side.weights_id)} "
+                         f"({side.conventions}), these are {pipe.weights_id}")
+    key = commands._recovery_key(pipe, args, side.key)
+    recover_video(pipe, args.input, dst, key.k, side, batch=args.batch, quiet=args.quiet)
+    if not args.quiet:
+        print(dst)
+    return 0
