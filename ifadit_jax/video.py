@@ -97,10 +97,15 @@ def _open(path: str):
 @dataclasses.dataclass
 class Frame:
     index: int
-    rgb: np.ndarray  # [H, W, 3] uint8
+    rgb: np.ndarray  # [H, W, 3] uint8, upright (the display rotation applied)
     pts: int
     time_base: Fraction
-    rotation: int
+    rotation: int  # degrees counterclockwise, as FFmpeg's display matrix says
+
+
+def quarter_turns(rotation: int) -> int:
+    """Counterclockwise quarter turns that make a frame upright (0 for other angles)."""
+    return (rotation // 90) % 4 if rotation % 90 == 0 else 0
 
 
 def _rate(stream) -> Fraction:
@@ -123,7 +128,11 @@ def decode(container, path: str, audio_out=None) -> Iterator[Frame]:
                 continue
             for f in packet.decode():
                 pts, tb = (f.pts, f.time_base) if f.pts is not None and f.time_base else (index, fallback_tb)
-                yield Frame(index, f.to_ndarray(format="rgb24"), pts, Fraction(tb), int(f.rotation or 0))
+                rotation = int(f.rotation or 0)
+                # Faces are detected upright (a phone video stored sideways); the writer turns
+                # the frame back, so untouched pixels stay bit-exact.
+                rgb = np.ascontiguousarray(np.rot90(f.to_ndarray(format="rgb24"), quarter_turns(rotation)))
+                yield Frame(index, rgb, pts, Fraction(tb), rotation)
                 index += 1
     except (av.error.FFmpegError, ValueError) as e:
         raise InputError(f"{path}: cannot decode frame {index} ({type(e).__name__}); "
@@ -231,13 +240,18 @@ def render_faces(nets, crops, z, refine: bool):
 _identity = jax.jit(pipeline_lib.identity)
 
 
+def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
+    """Repeats the last row of `x` up to `n` rows."""
+    return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)]) if len(x) < n else x
+
+
 def _padded(fn, crops: np.ndarray, batch: int, *extra):
     """Runs `fn(crops, *extra)` in fixed batches (one compiled shape) -> list of numpy outputs."""
     outs = []
     for start in range(0, len(crops), batch):
         n = min(batch, len(crops) - start)
-        pad = lambda x: np.concatenate([x[start:start + n], np.repeat(x[start + n - 1:start + n], batch - n, 0)])  # noqa: E731
-        result = fn(pad(crops), *[pad(e) for e in extra])
+        args = [_pad_to(x[start:start + n], batch) for x in (crops, *extra)]
+        result = fn(*args)
         result = result if isinstance(result, tuple) else (result,)
         outs.append([None if r is None else np.asarray(r)[:n] for r in result])
     return [None if parts[0] is None else np.concatenate(parts) for parts in zip(*outs)]
@@ -313,6 +327,7 @@ class Writer:
             self.stream.options = {"crf": str(opts.crf)}
         self.time_base = Fraction(video.time_base or 1 / _rate(video))
         self.stream.codec_context.time_base = self.time_base
+        self.turns = quarter_turns(rotation)
         if rotation:
             self.stream.set_display_rotation(rotation)
         self.audio = {}
@@ -329,6 +344,7 @@ class Writer:
     def write(self, rgb: np.ndarray, frame: Frame) -> None:
         import av
 
+        rgb = np.rot90(rgb, -self.turns) if self.turns else rgb
         if any(self.pad):
             rgb = np.pad(rgb, ((0, self.pad[0]), (0, self.pad[1]), (0, 0)), mode="edge")
         f = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
@@ -498,8 +514,9 @@ def anonymize_video(pipe, src: str, dst: str, k, *, detector, key_record: dict,
     transforms = [track_transforms(t) for t in tracks]
     z_anon = anonymized_identities(pipe, np.stack([t.identity for t in tracks]), k) if tracks else []
     h, w = clip.size
-    if opts.codec == "h264":
-        h, w = h + h % 2, w + w % 2
+    if opts.codec == "h264":  # padded at the bottom and right of the stored frame
+        pad_h, pad_w = (w % 2, h % 2) if quarter_turns(clip.rotation) % 2 else (h % 2, w % 2)
+        h, w = h + pad_h, w + pad_w
     record = {"format": sidecar.VIDEO_FORMAT, "conventions": pipe.conventions.name,
               "weights_id": pipe.weights_id, "key": key_record, "refine": refine,
               "codec": opts.codec, "frames": clip.frames, "size": [h, w],

@@ -54,17 +54,33 @@ def clip_pts() -> list[int]:
     return [int(sum(3 + (j % 2) for j in range(i))) for i in range(N_FRAMES)]
 
 
-def write_clip(path, frames, pts, codec="ffv1"):
+def _write_audio(out, a, seconds: float) -> None:
+    """A quiet 440 Hz tone (AAC, 8 kHz mono) of about `seconds` into stream `a`."""
+    t = np.arange(int(seconds * 8000) // 1024 * 1024 + 1024) / 8000
+    tone = (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    for i in range(0, len(tone), 1024):
+        f = av.AudioFrame.from_ndarray(tone[None, i:i + 1024], format="fltp", layout="mono")
+        f.sample_rate, f.pts = 8000, i
+        out.mux(a.encode(f))
+    out.mux(a.encode())
+
+
+def write_clip(path, frames, pts, codec="ffv1", audio=False, rotation=0):
     with av.open(str(path), "w") as out:
         s = out.add_stream(codec, rate=25)
         s.height, s.width = frames[0].shape[:2]
         s.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
         s.codec_context.time_base = TIME_BASE
+        if rotation:
+            s.set_display_rotation(rotation)
+        a = out.add_stream("aac", rate=8000, layout="mono") if audio else None
         for fr, p in zip(frames, pts):
             f = av.VideoFrame.from_ndarray(fr, format="rgb24")
             f.pts, f.time_base = p, TIME_BASE
             out.mux(s.encode(f))
         out.mux(s.encode())
+        if audio:
+            _write_audio(out, a, pts[-1] / 90)
 
 
 def read_clip(path):
@@ -299,3 +315,60 @@ def test_existing_output_not_ours_is_kept(tmp_path, run, weights_dir, secret_fil
     with pytest.raises(InputError, match="not written by ifadit-jax"):
         commands.anonymize_main(args)
     assert dst.read_bytes() == b"precious"
+
+
+def _audio_packets(path) -> list[bytes]:
+    with av.open(str(path)) as c:
+        if not c.streams.audio:
+            return []
+        return [bytes(p) for p in c.demux(c.streams.audio[0]) if p.size]
+
+
+def test_audio_dropped_by_default(tmp_path):
+    src, dst = tmp_path / "talk.mkv", tmp_path / "out.mkv"
+    write_clip(src, [_plain_frame(i) for i in range(4)], [0, 3, 6, 9], audio=True)
+    assert _audio_packets(src)
+    with av.open(str(src)) as c:
+        writer = video.Writer(str(dst), c, video.EncodeOptions(), rotation=0)
+        for f in video.decode(c, str(src)):
+            writer.write(f.rgb, f)
+        writer.close()
+    assert _audio_packets(dst) == []
+
+
+def test_h264_mp4_rotated_with_audio(tmp_path, weights_dir):
+    """A phone-like clip: H.264 in MP4, stored sideways with a 90 degree display rotation, with
+    AAC audio; --codec h264 --keep-audio."""
+    from ifadit_jax import pipeline
+
+    upright = [_face_frame(i)[:96, :128] for i in range(4)]
+    stored = [np.ascontiguousarray(np.rot90(f, -1)) for f in upright]  # FFmpeg turns it back
+    src, dst = tmp_path / "phone.mp4", tmp_path / "out.mkv"
+    write_clip(src, stored, [0, 3, 6, 9], codec="libx264", audio=True, rotation=90)
+    pipe = pipeline.load(weights_dir)
+    detector = commands.load_detector(str(weights_dir))
+    k = pipe.key_from_vector(np.full((1, 512), 0.75, np.float32))[0]
+    opts = video.EncodeOptions(codec="h264", crf=20, keep_audio=True)
+    record = video.anonymize_video(pipe, str(src), str(dst), k, detector=detector,
+                                   key_record={"path": "vector"}, opts=opts)
+    # Found upright: one track over all four frames; the size is the upright one.
+    assert [[e[0] for e in t["frames"]] for t in record["tracks"]] == [[0, 1, 2, 3]]
+    assert record["size"] == [96, 128] and record["codec"] == "h264"
+    assert _audio_packets(dst) == _audio_packets(src)
+    with av.open(str(dst)) as c:
+        got = list(c.decode(video=0))
+    assert len(got) == 4 and all(f.rotation == 90 for f in got)
+    assert got[0].to_ndarray(format="rgb24").shape == (128, 96, 3)
+
+
+def test_h264_pads_odd_sizes_by_one_edge_row_and_column(tmp_path):
+    frames = [_plain_frame(200 + i) // 4 + 100 for i in range(2)]  # 97x129, odd
+    src, dst = tmp_path / "odd.mkv", tmp_path / "odd_h264.mkv"
+    write_clip(src, frames, [0, 4])
+    with av.open(str(src)) as c:
+        writer = video.Writer(str(dst), c, video.EncodeOptions(codec="h264", crf=0), rotation=0)
+        for f in video.decode(c, str(src)):
+            writer.write(f.rgb, f)
+        writer.close()
+    got, _ = read_clip(dst)
+    assert len(got) == 2 and got[0].shape == (98, 130, 3)
