@@ -56,6 +56,7 @@ IOU_WEIGHT = 0.5
 MAX_COST = 0.6
 MAX_GAP = 5  # frames a track survives without a detection (a short occlusion keeps the id)
 SMOOTH_RADIUS = 2  # landmarks averaged over frames t-2..t+2 of the same track
+MIN_SIDE = 24  # as for photos: MTCNN's smallest pyramid level needs 12 px, faces more
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
 _IMAGE_DEMUXERS = ("image2",)  # FFmpeg also opens photos as one-frame "videos"
 
@@ -84,14 +85,22 @@ def looks_like_video(path: str) -> bool:
 
 
 def _open(path: str):
+    """The opened container; its declared frame size checked against the photo limits."""
     import av
 
     if not is_video(path):
         raise InputError(f"{path}: not a video (FFmpeg finds no video stream in it)")
     try:
-        return av.open(path, metadata_errors="ignore")
+        container = av.open(path, metadata_errors="ignore")
     except (OSError, ValueError, av.error.FFmpegError) as e:
         raise InputError(f"{path}: cannot open the video ({type(e).__name__})") from None
+    ctx = container.streams.video[0].codec_context
+    h, w = ctx.height, ctx.width
+    if h * w > imageio.MAX_PIXELS or min(h, w) < MIN_SIDE or max(h, w) > sidecar.MAX_SIDE:
+        container.close()
+        raise InputError(f"{path}: frames of {w}x{h} pixels; sides of {MIN_SIDE} to "
+                         f"{sidecar.MAX_SIDE} and at most {imageio.MAX_PIXELS} pixels are supported")
+    return container
 
 
 @dataclasses.dataclass
@@ -438,6 +447,8 @@ def track_pass(pipe, detector, path: str, batch: int = 4, min_prob: float = 0.9,
         for frame in decode(container, path):
             if clip is None:
                 clip = Clip(0, frame.rgb.shape[:2], frame.time_base, frame.rotation)
+            if frame.rgb.shape[:2] != clip.size:
+                raise InputError(f"{path}: frame {frame.index} changes size; not supported")
             last = frame
             found = detect_faces(detector, frame.rgb.astype(np.float32) / 255.0, min_prob, min_size)
             found = found[:sidecar.MAX_VIDEO_FACES_PER_FRAME]  # largest first
@@ -462,10 +473,15 @@ def _faces_by_frame(tracks_transforms, identities_per_track) -> dict[int, list]:
 
 def render_pass(pipe, src: str, dst: str, by_frame: dict, clip: Clip, refine: bool,
                 opts: EncodeOptions, batch: int, quiet: bool) -> None:
-    """Pass 2: decode `src` again, render the faces of `by_frame`, encode into `dst` (a path that
-    does not exist yet: the caller's temporary file)."""
+    """Pass 2: decode `src` again, render the faces of `by_frame`, encode into `dst` (the
+    caller's temporary file, replaced)."""
+    import av
+
     with _open(src) as container:
-        writer = Writer(dst, container, opts, clip.rotation)
+        try:
+            writer = Writer(dst, container, opts, clip.rotation)
+        except (av.error.FFmpegError, ValueError) as e:
+            raise InputError(f"cannot start the {opts.codec} output ({type(e).__name__}: {e})"[:300]) from None
         bar, n = _progress(clip.frames, "rendering", quiet), 0
         try:
             audio = writer.audio_packet if opts.keep_audio else None
@@ -477,9 +493,21 @@ def render_pass(pipe, src: str, dst: str, by_frame: dict, clip: Clip, refine: bo
                 n += 1
                 bar.update()
             _count_check(src, n, clip.frames)
+            writer.close()
+        except av.error.FFmpegError as e:  # decoding errors are InputErrors already
+            _discard(writer)
+            raise InputError(f"cannot encode the output ({type(e).__name__}: {e})"[:300]) from None
+        except BaseException:
+            _discard(writer)
+            raise
         finally:
             bar.close()
-            writer.close()
+
+
+def _discard(writer) -> None:
+    """Closes a writer whose output is being thrown away; its own errors no longer matter."""
+    with contextlib.suppress(Exception):
+        writer.close()
 
 
 def _write_outputs(dst: str, record: dict, encode) -> None:

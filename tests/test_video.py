@@ -372,3 +372,63 @@ def test_h264_pads_odd_sizes_by_one_edge_row_and_column(tmp_path):
         writer.close()
     got, _ = read_clip(dst)
     assert len(got) == 2 and got[0].shape == (98, 130, 3)
+
+
+def test_ten_bit_422_source_decodes_to_8_bit_rgb(tmp_path):
+    src = tmp_path / "deep.mkv"
+    gray = np.full((SIZE[0], SIZE[1], 3), 128, np.uint8)
+    with av.open(str(src), "w") as out:
+        s = out.add_stream("ffv1", rate=25)
+        s.height, s.width, s.pix_fmt = SIZE[0], SIZE[1], "yuv422p10le"
+        for i in range(2):
+            f = av.VideoFrame.from_ndarray(gray, format="rgb24").reformat(format="yuv422p10le")
+            f.pts = i
+            out.mux(s.encode(f))
+        out.mux(s.encode())
+    with av.open(str(src)) as c:
+        assert c.streams.video[0].codec_context.pix_fmt == "yuv422p10le"
+        frames = list(video.decode(c, str(src)))
+    assert len(frames) == 2
+    assert all(f.rgb.dtype == np.uint8 and f.rgb.shape == (*SIZE, 3) for f in frames)
+    assert np.abs(frames[0].rgb.astype(int) - 128).max() <= 2
+
+
+def test_no_faces_copied_through_and_interrupt_leaves_nothing(tmp_path, weights_dir):
+    from ifadit_jax import pipeline
+
+    frames = [_plain_frame(300 + i) for i in range(4)]
+    src = tmp_path / "empty_room.mkv"
+    write_clip(src, frames, [0, 3, 6, 9])
+    pipe = pipeline.load(weights_dir)
+    detector = commands.load_detector(str(weights_dir))
+    k = pipe.key_from_vector(np.full((1, 512), 0.75, np.float32))[0]
+    run_ = lambda dst: video.anonymize_video(pipe, str(src), str(dst), k, detector=detector,  # noqa: E731
+                                             key_record={"path": "vector"})
+    record = run_(tmp_path / "out.mkv")
+    assert record["tracks"] == [] and record["frames"] == 4
+    got, _ = read_clip(tmp_path / "out.mkv")
+    assert all(np.array_equal(a, b) for a, b in zip(got, frames)) and len(got) == 4
+
+    def interrupted(pipe_, rgb, faces, refine, batch):
+        if interrupted.calls == 2:
+            raise KeyboardInterrupt
+        interrupted.calls += 1
+        return rgb
+
+    interrupted.calls = 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(video, "render_frame", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_(tmp_path / "stopped.mkv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_tiny_frames_refused_before_the_weights_load(tmp_path, secret_file):
+    src = tmp_path / "tiny.mkv"
+    write_clip(src, [_plain_frame(1)[:16, :20]] * 2, [0, 3])
+    args = [str(src), str(tmp_path / "o.mkv"), "--weights", str(tmp_path / "no_weights_here"),
+            "--secret-file", str(secret_file), "--quiet"]
+    with pytest.raises(InputError, match="frames of 20x16 pixels"):
+        commands.anonymize_main(args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.mkv"]
