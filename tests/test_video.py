@@ -432,3 +432,17 @@ def test_tiny_frames_refused_before_the_weights_load(tmp_path, secret_file):
     with pytest.raises(InputError, match="frames of 20x16 pixels"):
         commands.anonymize_main(args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.mkv"]
+
+
+def test_h264_cli_warns_and_checks_crf(tmp_path, weights_dir, secret_file, capsys):
+    src = tmp_path / "room.mkv"
+    write_clip(src, [_plain_frame(400 + i) for i in range(2)], [0, 3])
+    flags = ["--weights", str(weights_dir), "--secret-file", str(secret_file), "--quiet", *FAST_KDF]
+    h264 = [str(src), str(tmp_path / "o.mp4"), *flags, "--codec", "h264"]
+    with pytest.raises(InputError, match="--crf"):
+        commands.anonymize_main(h264 + ["--crf", "52"])
+    assert commands.anonymize_main(h264 + ["--crf", "30"]) == 0
+    assert "recovery from it will be degraded" in capsys.readouterr().err
+    assert sidecar.read_video(str(tmp_path / "o.mp4.json")).codec == "h264"
+    with pytest.raises(InputError, match="extensions .mkv"):  # FFV1 only in Matroska
+        commands.anonymize_main([str(src), str(tmp_path / "o2.mp4"), *flags])
