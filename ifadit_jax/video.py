@@ -318,8 +318,9 @@ class EncodeOptions:
 
 
 class Writer:
-    """Encodes RGB frames into `path` (container from its extension) with the given timestamps;
-    h264 (4:2:0) frames of odd size are padded by one edge row/column."""
+    """Encodes upright RGB frames into `path` (container from its extension) with the given
+    timestamps, turned back to the stored orientation; h264 (4:2:0) frames of odd size are
+    padded by one edge row/column at the bottom/right of the upright frame."""
 
     def __init__(self, path: str, src_container, opts: EncodeOptions, rotation: int):
         import av
@@ -345,17 +346,24 @@ class Writer:
                 self.audio[a.index] = self.out.add_stream_from_template(a)
 
     def audio_packet(self, packet) -> None:
+        import av
+
         out = self.audio.get(packet.stream.index)
         if out is not None:
             packet.stream = out
-            self.out.mux(packet)
+            try:
+                self.out.mux(packet)
+            except av.error.FFmpegError as e:
+                raise InputError(f"cannot copy the audio ({type(e).__name__}); this container may "
+                                 "not hold its codec: try another output extension or drop "
+                                 "--keep-audio") from None
 
     def write(self, rgb: np.ndarray, frame: Frame) -> None:
         import av
 
+        if any(self.pad):  # at the bottom and right of the upright frame: transforms stay valid
+            rgb = np.pad(rgb, ((0, rgb.shape[0] % 2), (0, rgb.shape[1] % 2), (0, 0)), mode="edge")
         rgb = np.rot90(rgb, -self.turns) if self.turns else rgb
-        if any(self.pad):
-            rgb = np.pad(rgb, ((0, self.pad[0]), (0, self.pad[1]), (0, 0)), mode="edge")
         f = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         f.pts = int(round(frame.pts * frame.time_base / self.time_base))
         f.time_base = self.time_base
@@ -542,9 +550,8 @@ def anonymize_video(pipe, src: str, dst: str, k, *, detector, key_record: dict,
     transforms = [track_transforms(t) for t in tracks]
     z_anon = anonymized_identities(pipe, np.stack([t.identity for t in tracks]), k) if tracks else []
     h, w = clip.size
-    if opts.codec == "h264":  # padded at the bottom and right of the stored frame
-        pad_h, pad_w = (w % 2, h % 2) if quarter_turns(clip.rotation) % 2 else (h % 2, w % 2)
-        h, w = h + pad_h, w + pad_w
+    if opts.codec == "h264":  # 4:2:0 needs even sides: see Writer.write
+        h, w = h + h % 2, w + w % 2
     record = {"format": sidecar.VIDEO_FORMAT, "conventions": pipe.conventions.name,
               "weights_id": pipe.weights_id, "key": key_record, "refine": refine,
               "codec": opts.codec, "frames": clip.frames, "size": [h, w],

@@ -361,17 +361,26 @@ def test_h264_mp4_rotated_with_audio(tmp_path, weights_dir):
     assert got[0].to_ndarray(format="rgb24").shape == (128, 96, 3)
 
 
-def test_h264_pads_odd_sizes_by_one_edge_row_and_column(tmp_path):
-    frames = [_plain_frame(200 + i) // 4 + 100 for i in range(2)]  # 97x129, odd
+@pytest.mark.parametrize("rotation", [0, 90])
+def test_h264_pads_odd_sizes_at_the_bottom_right_of_the_upright_frame(tmp_path, rotation):
+    upright = [_face_frame(i) for i in range(2)]  # 97x129, odd
+    turns = rotation // 90
     src, dst = tmp_path / "odd.mkv", tmp_path / "odd_h264.mkv"
-    write_clip(src, frames, [0, 4])
+    write_clip(src, [np.ascontiguousarray(np.rot90(f, -turns)) for f in upright], [0, 4],
+               rotation=rotation)
     with av.open(str(src)) as c:
-        writer = video.Writer(str(dst), c, video.EncodeOptions(codec="h264", crf=0), rotation=0)
+        writer = video.Writer(str(dst), c, video.EncodeOptions(codec="h264", crf=0), rotation)
         for f in video.decode(c, str(src)):
+            assert f.rgb.shape == (*SIZE, 3)
             writer.write(f.rgb, f)
         writer.close()
-    got, _ = read_clip(dst)
-    assert len(got) == 2 and got[0].shape == (98, 130, 3)
+    with av.open(str(dst)) as c:
+        got = list(video.decode(c, str(dst)))
+    assert len(got) == 2 and got[0].rgb.shape == (98, 130, 3) and got[0].rotation == rotation
+    # The picture keeps its place (the padding is the last row and column), up to 4:2:0 loss.
+    diff = np.abs(got[0].rgb[:97, :129].astype(float) - upright[0]).mean()
+    shifted = np.abs(got[0].rgb[1:98, 1:130].astype(float) - upright[0]).mean()
+    assert diff < 3 and diff < shifted
 
 
 def test_ten_bit_422_source_decodes_to_8_bit_rgb(tmp_path):
