@@ -36,6 +36,7 @@ import numpy as np
 
 from ifadit_jax import align, cli, files, imageio, keys, sidecar
 from ifadit_jax import pipeline as pipeline_lib
+from ifadit_jax import video as video_lib
 from ifadit_jax.errors import InputError, NoFaceError, SecretError, WeightsError
 
 CROP = 256
@@ -423,8 +424,9 @@ def _run_jobs(plan_: Plan, fn, key: Key, args, prepare, make_record, refine_of,
 
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="an image or a folder of images")
-    p.add_argument("output", help="output image (.png) or folder (mirrors the input tree)")
+    p.add_argument("input", help="an image, a folder of images, or a video")
+    p.add_argument("output", help="output image (.png), folder (mirrors the input tree), or "
+                                  "video (.mkv)")
     p.add_argument("--weights", required=True, help="weights folder (ports/convert_ifadit.py release)")
     p.add_argument("--batch", type=int, default=4, help="faces per batch (default 4)")
     p.add_argument("--force", action="store_true",
@@ -460,6 +462,7 @@ def _anonymize_parser() -> argparse.ArgumentParser:
     p.add_argument("--kdf-salt", metavar="HEX", help="Argon2id salt (default: the project's public salt)")
     p.add_argument("--kdf-memory-kib", type=int, help="Argon2id memory cost in KiB")
     p.add_argument("--kdf-iterations", type=int, help="Argon2id iterations")
+    video_lib.add_arguments(p)
     return p
 
 
@@ -477,6 +480,8 @@ def anonymize_main(argv: Sequence[str]) -> int:
     args = _anonymize_parser().parse_args(argv)
     _check_flags(args)
     kdf = None if args.key_vector else _kdf_from_args(args)
+    if os.path.isfile(args.input) and video_lib.looks_like_video(args.input):
+        return video_lib.anonymize_command(args, kdf)
     work = plan(args.input, args.output, args.force)
     if not work.folder and imageio.is_lossy_path(work.output):
         print(f"warning: {work.output} is lossy (JPEG): recovery from it will be degraded; use "
@@ -567,6 +572,8 @@ def recover_main(argv: Sequence[str]) -> int:
     cli.refuse_secret_on_command_line(argv)
     args = _recover_parser().parse_args(argv)
     _check_flags(args)
+    if os.path.isfile(args.input) and video_lib.looks_like_video(args.input):
+        return video_lib.recover_command(args)
     work = plan(args.input, args.output, args.force)
     sides, failures = _read_sidecars(work.jobs, args.kdf_allow_costly)
     if failures and not work.folder:

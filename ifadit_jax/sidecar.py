@@ -241,8 +241,8 @@ def parse(data: bytes):
         raise SidecarError(f"not valid JSON ({type(e).__name__})") from None
 
 
-def read_bytes(path: str) -> bytes:
-    """The bytes of a regular file of at most MAX_BYTES; never blocks on a FIFO or device."""
+def read_bytes(path: str, max_bytes: int = MAX_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`; never blocks on a FIFO or device."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as e:
@@ -251,16 +251,16 @@ def read_bytes(path: str) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise SidecarError("not a regular file")
-        if st.st_size > MAX_BYTES:
-            raise SidecarError(f"larger than {MAX_BYTES} bytes")
+        if st.st_size > max_bytes:
+            raise SidecarError(f"larger than {max_bytes} bytes")
         with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+            data = f.read(max_bytes + 1)
     except OSError as e:
         raise SidecarError(f"cannot read: {e.strerror}") from None
     finally:
         os.close(fd)
-    if len(data) > MAX_BYTES:
-        raise SidecarError(f"larger than {MAX_BYTES} bytes")
+    if len(data) > max_bytes:
+        raise SidecarError(f"larger than {max_bytes} bytes")
     return data
 
 
@@ -275,11 +275,118 @@ def read(path: str, allow_costly: bool = False) -> Sidecar:
 def written_by_us(image_path: str) -> bool:
     """Whether `image_path` has a sidecar of ours beside it (what `--force` may replace)."""
     try:
-        obj = parse(read_bytes(path_for(image_path)))
+        obj = parse(read_bytes(path_for(image_path), MAX_VIDEO_BYTES))
     except SidecarError:
         return False
-    return type(obj) is dict and obj.get("format") in (FORMAT, RECOVERED_FORMAT)
+    return type(obj) is dict and obj.get("format") in (FORMAT, RECOVERED_FORMAT, VIDEO_FORMAT)
 
 
 def recovered(weights_id: str, mode: str) -> dict:
     return {"format": RECOVERED_FORMAT, "weights_id": weights_id, "mode": mode}
+
+
+# ----------------------------------------------------------------------------------------------
+# Video sidecar (`OUT.mkv.json`), beside a video written by `ifadit_jax.video`
+#
+#   format      "ifadit-jax-video/1"
+#   conventions, weights_id, key, refine   as in the image sidecar above
+#   codec       "ffv1" (lossless) or "h264"
+#   frames      number of decoded frames of the anonymized video (recovery checks it)
+#   size        [height, width] of the anonymized video's frames
+#   time_base   [numerator, denominator] of the input's timestamps (informational)
+#   tracks      per tracked person, "frames": [[frame index, 2x3 transform], ...] in increasing
+#               frame order; the transform maps crop points to frame points as for photos
+#
+# No boxes (recovery needs only the transforms), no file names, no timestamps of the run.
+# Caps: MAX_VIDEO_BYTES = 64 MiB. One face-frame entry takes about 130 bytes of JSON (six floats
+# written by Python's repr), so the cap holds about 500,000 face-frames: 4.6 hours of one face at
+# 30 fps; longer clips are refused at anonymization, not silently cut. Parsing 64 MiB of JSON
+# takes about 1 GB of Python objects, within what a workstation has. At most
+# MAX_VIDEO_FACES_PER_FRAME faces in one frame, MAX_VIDEO_FRAMES frames, MAX_TRACKS tracks.
+
+VIDEO_FORMAT = "ifadit-jax-video/1"
+VIDEO_FIELDS = ("format", "conventions", "weights_id", "key", "refine", "codec", "frames", "size",
+                "time_base", "tracks")
+VIDEO_CODECS = ("ffv1", "h264")
+MAX_VIDEO_BYTES = 64 << 20
+MAX_VIDEO_FRAMES = 10_000_000
+MAX_VIDEO_FACES_PER_FRAME = 64
+MAX_TRACKS = 100_000
+MAX_TIME_BASE = 1 << 31
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSidecar:
+    conventions: str
+    weights_id: str
+    key: dict
+    refine: bool
+    codec: str
+    frames: int
+    size: tuple[int, int]
+    time_base: tuple[int, int]
+    tracks: tuple[tuple[tuple[int, tuple], ...], ...]  # per track: ((frame index, 2x3), ...)
+
+
+def _bounded_int(obj, field: str, lo: int, hi: int) -> int:
+    if type(obj) is not int or not lo <= obj <= hi:
+        _fail(field, f"must be an integer from {lo} to {hi}")
+    return obj
+
+
+def _track(obj, field: str, frames: int, size, per_frame: dict) -> tuple:
+    _object(obj, field, ("frames",))
+    entries = obj["frames"]
+    if type(entries) is not list or not entries:
+        _fail(f"{field}.frames", "must be a non-empty list")
+    out, last = [], -1
+    for i, entry in enumerate(entries):
+        where = f"{field}.frames[{i}]"
+        if type(entry) is not list or len(entry) != 2:
+            _fail(where, "must be [frame index, transform]")
+        index = _bounded_int(entry[0], f"{where}[0]", last + 1, frames - 1)
+        per_frame[index] = per_frame.get(index, 0) + 1
+        if per_frame[index] > MAX_VIDEO_FACES_PER_FRAME:
+            _fail(where, f"more than {MAX_VIDEO_FACES_PER_FRAME} faces in frame {index}")
+        out.append((index, _transform(entry[1], f"{where}[1]", size)))
+        last = index
+    return tuple(out)
+
+
+def validate_video(obj, allow_costly: bool = False) -> VideoSidecar:
+    """A parsed video sidecar (any JSON value) -> VideoSidecar, or SidecarError naming the field."""
+    _object(obj, "sidecar", VIDEO_FIELDS)
+    if obj["format"] != VIDEO_FORMAT:
+        _fail("format", f"must be {VIDEO_FORMAT!r}")
+    conventions = _exact(obj["conventions"], str, "conventions")
+    if not _NAME.match(conventions):
+        _fail("conventions", "must be a short lowercase name")
+    weights_id = _exact(obj["weights_id"], str, "weights_id")
+    if not _WEIGHTS_ID.match(weights_id):
+        _fail("weights_id", "must be 1 to 64 letters, digits, '.', '_' or '-'")
+    codec = _exact(obj["codec"], str, "codec")
+    if codec not in VIDEO_CODECS:
+        _fail("codec", f"must be one of {', '.join(VIDEO_CODECS)}")
+    frames = _bounded_int(obj["frames"], "frames", 1, MAX_VIDEO_FRAMES)
+    size = _size(obj["size"])
+    tb = obj["time_base"]
+    if type(tb) is not list or len(tb) != 2:
+        _fail("time_base", "must be [numerator, denominator]")
+    time_base = (_bounded_int(tb[0], "time_base[0]", 1, MAX_TIME_BASE),
+                 _bounded_int(tb[1], "time_base[1]", 1, MAX_TIME_BASE))
+    tracks = obj["tracks"]
+    if type(tracks) is not list or len(tracks) > MAX_TRACKS:
+        _fail("tracks", f"must be a list of at most {MAX_TRACKS} tracks")
+    per_frame: dict[int, int] = {}
+    parsed = tuple(_track(t, f"tracks[{i}]", frames, size, per_frame) for i, t in enumerate(tracks))
+    return VideoSidecar(conventions=conventions, weights_id=weights_id,
+                        key=_key(obj["key"], allow_costly), refine=_exact(obj["refine"], bool, "refine"),
+                        codec=codec, frames=frames, size=size, time_base=time_base, tracks=parsed)
+
+
+def read_video(path: str, allow_costly: bool = False) -> VideoSidecar:
+    """Reads and validates a video sidecar (at most MAX_VIDEO_BYTES); errors start with the path."""
+    try:
+        return validate_video(parse(read_bytes(path, MAX_VIDEO_BYTES)), allow_costly)
+    except SidecarError as e:
+        raise SidecarError(f"{path}: {e}") from None
