@@ -13,7 +13,7 @@ holds the files the official test script loads, under their official names:
 | identity encoder E_ID | `model_ir_se50.pth` | IR-SE50 ArcFace |
 | face parser (refinement) | `79999_iter.pth` | BiSeNet |
 
-OUT_DIR receives one `.safetensors` file per network (the names `ifadit_jax.pipeline.ROLES`
+OUT_DIR receives one `.safetensors` file per network (the names `ifadit_jax.roles.ROLES`
 gives) and `manifest.json` with the conventions, each file's source name and sha256, and a
 weights id derived from them. It is written to a temporary folder beside OUT_DIR and renamed
 into place only when every network converted, so a failure leaves nothing behind.
@@ -25,7 +25,7 @@ import argparse
 import glob
 import os
 
-from ifadit_jax import pipeline, weights_folder
+from ifadit_jax import pipeline, roles, weights_folder
 from ifadit_jax.errors import InputError, WeightsError
 
 SOURCES = {
@@ -78,7 +78,7 @@ def convert_release(src_dir: str, out_dir: str, force: bool = False) -> dict:
     sources = find_sources(src_dir)
     networks = {}
     for role, src in sources.items():
-        name, kind = pipeline.ROLES[role]
+        name, kind = roles.ROLES[role].file, roles.ROLES[role].kind
         variables, meta = _converter(role)(src)
         if meta.kind != kind:
             raise WeightsError(f"{src}: converted to a '{meta.kind}' network, expected '{kind}'")
