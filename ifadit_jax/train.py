@@ -115,16 +115,14 @@ class Run:
         return step_lib.shard_batch(next(self.data_it)["image"], self.devices)
 
 
-def _start_networks(config, workdir: str):
-    """(built networks, the latest checkpoint step of `workdir` or None): with `init_from`
-    applied when this run does not resume (see `setup`)."""
-    built = networks.build(config)
-    latest = checkpoints.latest_step(workdir)
-    if latest is None and config.init_from:
-        step0, tree = checkpoints.read_trained(config.init_from)
-        nets = networks.override(built.nets, tree, f"init_from {config.init_from} (step {step0})")
-        built = dataclasses.replace(built, nets=nets)
-    return built, latest
+def _start_networks(config, built, latest: int | None):
+    """`built` with `config.init_from`'s trained networks when this run does not resume
+    (see `setup`)."""
+    if latest is not None or not config.init_from:
+        return built
+    step0, tree = checkpoints.read_trained(config.init_from)
+    nets = networks.override(built.nets, tree, f"init_from {config.init_from} (step {step0})")
+    return dataclasses.replace(built, nets=nets)
 
 
 def _initial_state(config, built, trainable):
@@ -155,10 +153,14 @@ def setup(config, workdir: str) -> Run:
     _split_batch(int(config.data.batch_size), len(devices), jax.process_count(),
                  bool(loss_weights.div))
     trainable = freezing.check_trainable(config.trainable)
-    built, latest = _start_networks(config, workdir)
-    labels, optimizer, state = _initial_state(config, built, trainable)
+    built = networks.build(config)
     data_it = iter(make_dataset(DataConfig.from_mapping(config.data), "train"))
+    # Every input is checked: the workdir may be created now. Every process opens the manager
+    # before reading its latest step (orbax synchronizes the processes there).
     ckpts = checkpoints.Checkpoints(workdir, int(config.keep_checkpoints))
+    latest = ckpts.latest_step()
+    built = _start_networks(config, built, latest)
+    labels, optimizer, state = _initial_state(config, built, trainable)
     if latest is not None:
         state = ckpts.restore(latest, state, data_it)
         state = state.replace(opt_state=step_lib.set_learning_rate(state.opt_state, config.lr))

@@ -62,18 +62,6 @@ def _manager(directory: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
 
 
-def latest_step(workdir: str) -> int | None:
-    """The latest finished checkpoint of `workdir`, or None (creates nothing)."""
-    directory = os.path.join(os.path.abspath(workdir), SUBDIR)
-    if not os.path.isdir(directory):
-        return None
-    manager = _manager(directory)
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
-
-
 def read_trained(workdir: str) -> tuple[int, dict]:
     """(step, {role: {collection: ...}}) of the roles trained in the latest checkpoint of another
     run's workdir (phase II's `init_from`)."""
