@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax import flow as flow_lib
-from ifadit_jax import pipeline
+from ifadit_jax import pipeline, random_nets
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -30,7 +30,7 @@ def timed(fn, *args, repeats: int) -> float:
 
 
 def bench(name: str, configs: dict, batch: int, repeats: int) -> None:
-    pipe = pipeline.random_pipeline(0, configs=configs)
+    pipe = random_nets.random_pipeline(0, configs=configs)
     nets = pipe.nets
     x = jax.random.uniform(jax.random.key(1), (batch, 256, 256, 3))
     k = pipe.key_from_vector(jnp.full((1, 512), 0.75))[0]
@@ -58,7 +58,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
-    configs = {"small": pipeline.SMALL_CONFIGS, "real": pipeline.REAL_CONFIGS}
+    configs = {"small": random_nets.SMALL_CONFIGS, "real": random_nets.REAL_CONFIGS}
     for name in args.widths.split(","):
         for b in (int(v) for v in args.batches.split(",")):
             bench(name, configs[name], b, args.repeats)

@@ -6,13 +6,13 @@ import time
 
 import jax
 
-from ifadit_jax import pipeline
+from ifadit_jax import random_nets
 
 
 def random_variables(module, *example, seed: int = 0) -> dict:
     """Random weights for `module` at the shapes its init gives for `example` (speed does not
-    depend on their values; `pipeline.random_like` keeps activations in range)."""
-    return pipeline.random_like(jax.eval_shape(module.init, jax.random.key(0), *example), seed)
+    depend on their values; `random_nets.random_like` keeps activations in range)."""
+    return random_nets.random_like(jax.eval_shape(module.init, jax.random.key(0), *example), seed)
 
 
 def time_it(fn, iters: int, *args) -> tuple[float, float]:

@@ -16,6 +16,8 @@ existing field, a misspelt one is an error.
 import ml_collections
 from ml_collections import config_dict
 
+from ifadit_jax import roles
+
 WORDS = ("smoke",)
 
 
@@ -42,7 +44,7 @@ def get_config(arg=None):
     c.grad_clip = 0.0  # global-norm clipping; 0: off (the paper does not clip)
 
     # What trains and on what loss: freezing is data (DESIGN §3).
-    c.trainable = ("attr_encoder", "mapper")
+    c.trainable = roles.trainable_in(1)  # E_Attr, M (the role registry's phase I rows)
     c.losses = ml_collections.ConfigDict(dict(p1=1.0, anon=0.0, div=0.0, deanon=0.0, img=0.0))
     c.refine = False  # refinement (Eq. 11) in the phase II passes
     c.attr_batch_norm = "batch"  # E_Attr BatchNorm while it trains: "batch" (pSp) | "frozen"
@@ -85,5 +87,5 @@ def apply_smoke(c):
     c.log_every = 1
     c.checkpoint_every = 1
     c.keep_checkpoints = 2
-    c.sample_every = 3
+    c.sample_every = 1
     c.export_weights = False

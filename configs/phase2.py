@@ -20,6 +20,7 @@ import importlib.util
 import os
 
 ABLATIONS = ("no_div", "no_img", "no_icl", "single_phase")
+WORDS = ("smoke", *ABLATIONS)  # listed by `python -m ifadit_jax.train --help`
 
 
 def _phase1():
@@ -33,11 +34,11 @@ def _phase1():
 
 def get_config(arg=None):
     phase1 = _phase1()
-    words = phase1.parse_arg(arg, phase1.WORDS + ABLATIONS)
+    words = phase1.parse_arg(arg, WORDS)
     c = phase1.get_config(None)
     c.phase = 2
     c.total_steps = 75_000
-    c.trainable = ("flow", "icl")
+    c.trainable = phase1.roles.trainable_in(2)  # T, C
     c.losses.p1 = 0.0
     c.losses.anon = 1.0
     c.losses.div = 1.0

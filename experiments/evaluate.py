@@ -46,7 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifadit_jax import align, imageio, keys as keys_lib, metrics, pipeline, weights
+from ifadit_jax import align, imageio, keys as keys_lib, metrics, pipeline, random_nets, roles
+from ifadit_jax import weights
 from ifadit_jax.data import sources
 from ifadit_jax.errors import InputError
 from ifadit_jax.nets import adaface as adaface_lib
@@ -118,7 +119,7 @@ def demo_metric_net(role: str, seed: int = 0):
         "mtcnn": lambda: (mtcnn.MTCNNNets(tuple(config["pnet_widths"]), tuple(config["rnet_widths"]),
                                           tuple(config["onet_widths"])), list(mtcnn.init_inputs())),
     }[role]()
-    variables = pipeline.random_like(jax.eval_shape(module.init, jax.random.key(0), *inputs), seed)
+    variables = random_nets.random_like(jax.eval_shape(module.init, jax.random.key(0), *inputs), seed)
     return weights.loader(role)(variables, weights.Meta(kind=role, config=config))
 
 
@@ -199,7 +200,7 @@ def _uniform_vectors(base, indices):
     return jax.vmap(lambda i: keys_lib.official_key_seed(jax.random.fold_in(base, i)))(indices)
 
 
-_key_from_vector = jax.jit(pipeline.key_from_vector)
+_key_from_vector = jax.jit(lambda nets, u: keys_lib.key_from_vector(u, pipeline.mapping(nets)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -631,9 +632,9 @@ def evaluate(pipe: pipeline.Pipeline, nets: MetricNets, dataset: Dataset, key_sc
 # The built-in demo model and ablations (Table 5)
 
 def demo_pipeline(seed: int = 0) -> pipeline.Pipeline:
-    """The built-in model of `--demo`: `pipeline.random_pipeline(seed)` (every network at the
+    """The built-in model of `--demo`: `random_nets.random_pipeline(seed)` (every network at the
     fixtures' small widths, random weights, with gains so that the key visibly matters)."""
-    return pipeline.random_pipeline(seed=seed)
+    return random_nets.random_pipeline(seed=seed)
 
 
 ABLATIONS = ("full", "no_div", "no_img", "no_icl", "single_phase")
@@ -647,7 +648,7 @@ def demo_ablations(base: pipeline.Pipeline) -> dict[str, pipeline.Pipeline]:
     for i, name in enumerate(ABLATIONS):
         nets = base.nets
         if name == "no_icl":
-            nets = nets.replace(icl_module=None, icl_vars=None)
+            nets = roles.drop(nets, "icl")
         elif name != "full":
             rng = np.random.default_rng(100 + i)
             # tree.map keeps the flow's static part (permutations), so no new programs compile

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -286,8 +285,7 @@ def _vector_key(pipe, path: str) -> Key:
 
 def _secret_key(pipe, args, kdf: keys.KdfParams, store_check: bool) -> Key:
     raw = keys.kdf_bytes(keys.secret_from_args(args), kdf)
-    mapping = functools.partial(pipeline_lib.key_from_vector, pipe.nets)
-    k = keys.key_from_vector(np.asarray(keys.normalize_bytes(raw)), mapping)  # = derive_key
+    k = keys.key_from_vector(np.asarray(keys.normalize_bytes(raw)), pipeline_lib.mapping(pipe.nets))  # = derive_key
     check = keys.key_check(raw)
     record = {"path": "kdf", "kdf": kdf.to_dict(), **({"check": check} if store_check else {})}
     return Key(k, record, check)

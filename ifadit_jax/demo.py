@@ -23,7 +23,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ifadit_jax import align, cli, commands, imageio, keys, pipeline
+from ifadit_jax import align, cli, commands, imageio, keys, pipeline, random_nets
 from ifadit_jax.errors import NoFaceError
 from ifadit_jax.files import atomic_path
 
@@ -76,7 +76,7 @@ def main(argv):
         title = f"iFADIT, weights {pipe.weights_id} ({args.weights})"
         has_detector = os.path.isfile(os.path.join(args.weights, commands.DETECTOR_FILE))
     else:
-        pipe = pipeline.random_pipeline(seed=0)
+        pipe = random_nets.random_pipeline(seed=0)
         title = "built-in small networks with RANDOM weights (not a trained model): the machinery, not the result"
         has_detector = False
     if has_detector:

@@ -188,18 +188,26 @@ def key_check(kdf_output: bytes) -> str:
     return hmac.new(bytes(kdf_output), CHECK_LABEL, hashlib.sha256).hexdigest()[:CHECK_HEX]
 
 
+def norm(b):
+    """Norm (paper Eq. 4): byte values b (0..255, a float numpy or jax array) -> b / 127.5 - 1,
+    in [-1, 1], in b's dtype. Training draws random bytes on the device and uses it too."""
+    return b / 127.5 - 1.0
+
+
 def normalize_bytes(b: bytes) -> np.ndarray:
-    """Norm: bytes -> float32 [len(b)] with b / 127.5 - 1, in [-1, 1]."""
-    return (np.frombuffer(bytes(b), dtype=np.uint8).astype(np.float32) / np.float32(127.5)
-            - np.float32(1.0))
+    """Norm of a byte string: float32 [len(b)] (see `norm`)."""
+    return norm(np.frombuffer(bytes(b), dtype=np.uint8).astype(np.float32))
 
 
 def key_from_vector(u, mapping: Mapping) -> jax.Array:
-    """The official key path: k = f(u). u [B, 512] or [512] -> k of the same shape (float32)."""
-    u = jnp.asarray(u, jnp.float32)
+    """The key path k = f(u). u [B, 512] or [512] -> k of the same shape, float32 (float64 for
+    float64 u: a float64 training step keys in float64)."""
+    u = jnp.asarray(u)
+    if u.dtype != jnp.float64:
+        u = u.astype(jnp.float32)
     if u.ndim not in (1, 2):
         raise InputError(f"key vector must have shape [512] or [B, 512], got {tuple(u.shape)}")
-    k = jnp.asarray(mapping(u[None] if u.ndim == 1 else u), jnp.float32)
+    k = jnp.asarray(mapping(u[None] if u.ndim == 1 else u), u.dtype)
     return k[0] if u.ndim == 1 else k
 
 

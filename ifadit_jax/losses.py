@@ -67,11 +67,6 @@ def mean_abs(a, b) -> jax.Array:
     return jnp.mean(jnp.abs(a - b))
 
 
-def mean_square(a, b) -> jax.Array:
-    """|a - b|_2^2 as torch's MSELoss: the mean squared difference -> scalar."""
-    return jnp.mean(jnp.square(a - b))
-
-
 def theta(e1, e2) -> jax.Array:
     """Cosine similarity per pair of embeddings: [B, D] x2 -> [B]."""
     return metrics.cosine(e1, e2)

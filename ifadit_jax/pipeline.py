@@ -8,7 +8,9 @@ whose static part is the Flax modules, so `anonymize(nets, images, k)` and
 `recover(nets, images, k)` are pure functions that jit, vmap and differentiate (the trainer
 calls them inside its own step). `Pipeline` wraps them with jitted, checked calls for scripts and
 notebooks; `load(weights_dir)` reads a folder written by
-`python ports/convert_ifadit.py release SRC_DIR OUT_DIR`.
+`python ports/convert_ifadit.py release SRC_DIR OUT_DIR` (which file holds which network: the
+role registry, `ifadit_jax.roles`). Random networks for demos, tests and benchmarks:
+`ifadit_jax.random_nets`.
 
 Images are NHWC float32 in [0, 1]. Outputs are not clamped (the official code does not clamp
 either); clamp before saving.
@@ -25,31 +27,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import re
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ifadit_jax import flow as flow_lib
+from ifadit_jax import keys, roles, weights, weights_folder
 from ifadit_jax import refine as refine_lib
-from ifadit_jax import weights, weights_folder
 from ifadit_jax.errors import InputError, WeightsError
 from ifadit_jax.nets.mappers import latent_mapper_input
-
-# role -> (file name in a weights folder, network kind)
-ROLES = {
-    "id_encoder": ("arcface.safetensors", "arcface"),
-    "attr_encoder": ("psp_encoder.safetensors", "psp_encoder"),
-    "mapper": ("latent_mapper.safetensors", "latent_mapper"),
-    "generator": ("stylegan2.safetensors", "stylegan2"),
-    "flow": ("sif.safetensors", "sif"),
-    "icl": ("icl.safetensors", "icl"),
-    "parser": ("bisenet.safetensors", "bisenet"),
-}
-OPTIONAL_ROLES = ("icl", "parser")  # ablation without ICL; no refinement without a parser
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +63,10 @@ CONVENTIONS = {c.name: c for c in (PAPER, OFFICIAL)}
 
 @flax.struct.dataclass
 class Nets:
-    """The frozen networks. Leaves: weights; static: modules and conventions."""
+    """The networks, two fields per role of `roles.ROLES` (its `module_field` and `field`; the
+    flow's parameters carry their static config). Leaves: weights; static: modules and
+    conventions. Build it with `nets_from_loaded`; read and replace weights by role with
+    `roles.weights_of` / `roles.with_weights`."""
 
     id_module: Any = flax.struct.field(pytree_node=False)
     attr_module: Any = flax.struct.field(pytree_node=False)
@@ -164,13 +155,18 @@ def recover(nets: Nets, anonymized, k, refine: bool = True):
                      generated=generated, mask=mask)
 
 
-def key_from_vector(nets: Nets, u):
-    """The official key path k = f(u) (u [B, 512] or [512], e.g. uniform in [0.5, 1))."""
-    return nets.generator_module.apply(nets.generator_vars, jnp.atleast_2d(u), method="map")
+def mapping(nets: Nets):
+    """StyleGAN2's mapping net f as a function [B, 512] -> [B, 512] (the key path k = f(u):
+    `keys.key_from_vector(u, mapping(nets))`)."""
+    return functools.partial(nets.generator_module.apply, nets.generator_vars, method="map")
 
 
 _anonymize_jit = jax.jit(anonymize, static_argnames=("refine",))
 _recover_jit = jax.jit(recover, static_argnames=("refine",))
+
+
+def _mapping_jit(nets: Nets):
+    return functools.partial(jax.jit(lambda n, u: mapping(n)(u)), nets)
 
 
 class Pipeline:
@@ -208,27 +204,16 @@ class Pipeline:
         return _recover_jit(self.nets, *self._check(images, k), refine=refine)
 
     def key_from_vector(self, u):
-        return jax.jit(key_from_vector)(self.nets, jnp.asarray(u, jnp.float32))
+        return keys.key_from_vector(jnp.asarray(u, jnp.float32), _mapping_jit(self.nets))
 
     def key_from_secret(self, secret: bytes, kdf=None):
-        from ifadit_jax import keys
-
-        mapping = functools.partial(key_from_vector, self.nets)
-        return keys.derive_key(secret, mapping, kdf) if kdf is not None else keys.derive_key(secret, mapping)
+        f = _mapping_jit(self.nets)
+        return keys.derive_key(secret, f, kdf) if kdf is not None else keys.derive_key(secret, f)
 
 
 def nets_from_loaded(loaded: dict[str, Any], conventions: Conventions) -> Nets:
-    """Builds `Nets` from loaded networks {role: object with .module/.variables (flow: .params)}."""
-    def mv(role):
-        net = loaded.get(role)
-        return (None, None) if net is None else (net.module, net.variables)
-
-    id_m, id_v = mv("id_encoder")
-    at_m, at_v = mv("attr_encoder")
-    mp_m, mp_v = mv("mapper")
-    g_m, g_v = mv("generator")
-    icl_m, icl_v = mv("icl")
-    p_m, p_v = mv("parser")
+    """Builds `Nets` from loaded networks {role: object with .module/.variables (flow: .params)}
+    (see `roles.from_loaded`), after checking them against `conventions`."""
     flow = loaded["flow"].params
     if flow.config.variant != conventions.flow_variant:
         raise WeightsError(f"the flow is the '{flow.config.variant}' variant but the "
@@ -237,10 +222,7 @@ def nets_from_loaded(loaded: dict[str, Any], conventions: Conventions) -> Nets:
     if attr_range != conventions.attr_input_range:
         raise WeightsError(f"the attribute encoder was trained on inputs in {list(attr_range)} but "
                            f"the '{conventions.name}' conventions use {list(conventions.attr_input_range)}")
-    return Nets(id_module=id_m, attr_module=at_m, mapper_module=mp_m, generator_module=g_m,
-                icl_module=icl_m, parser_module=p_m, conventions=conventions, id_vars=id_v,
-                attr_vars=at_v, mapper_vars=mp_v, generator_vars=g_v, flow=flow, icl_vars=icl_v,
-                parser_vars=p_v)
+    return roles.from_loaded(loaded, Nets, conventions=conventions)
 
 
 def load(weights_dir: str | os.PathLike) -> Pipeline:
@@ -252,129 +234,14 @@ def load(weights_dir: str | os.PathLike) -> Pipeline:
     if conventions is None:
         raise WeightsError(f"{path}: unknown conventions {manifest.get('conventions')!r}")
     loaded = {}
-    for role, (name, kind) in ROLES.items():
-        file = os.path.join(weights_dir, name)
+    for role, r in roles.ROLES.items():
+        file = os.path.join(weights_dir, r.file)
         if not os.path.isfile(file):
-            if role in OPTIONAL_ROLES:
+            if r.optional:
                 continue
-            raise WeightsError(f"{weights_dir}: incomplete weights folder, {name} ({kind}) is "
+            raise WeightsError(f"{weights_dir}: incomplete weights folder, {r.file} ({r.kind}) is "
                                "missing (python ports/convert_ifadit.py release SRC_DIR OUT_DIR "
                                "writes all of them)")
-        variables, meta = weights.read(file, kind=kind)
-        loaded[role] = weights.loader(kind)(variables, meta)
+        variables, meta = weights.read(file, kind=r.kind)
+        loaded[role] = weights.loader(r.kind)(variables, meta)
     return Pipeline(nets_from_loaded(loaded, conventions), manifest.get("weights_id", ""), manifest)
-
-
-# The built-in default: every network at the parity fixtures' widths with RANDOM weights. It
-# exercises the whole machinery (and the demo) without any download; it anonymizes nothing in
-# any meaningful sense.
-SMALL_CONFIGS = {
-    "id_encoder": {"bn1d_affine": True, "emb_dim": 512, "in_channels": 3, "input_size": 112,
-                   "se": True, "units": [3, 4, 14, 3], "widths": [16, 20, 24, 18]},
-    "attr_encoder": {"in_channels": 3, "input_range": [0.0, 1.0], "n_styles": 14, "se": True,
-                     "start_from_latent_avg": False, "style_width": 16, "units": [3, 4, 14, 3],
-                     "w_dim": 512, "widths": [16, 20, 24, 20]},
-    "mapper": {"features": [256, 512], "in_features": 1024, "negative_slope": 0.2},
-    "generator": {"channels": [[4, 32], [8, 32], [16, 32], [32, 32], [64, 32], [128, 16], [256, 8]],
-                  "conv_clamp": None, "flavor": "rosinality", "img_channels": 3, "lr_mul": 0.01,
-                  "n_mapping": 8, "resolution": 256, "w_dim": 512, "z_dim": 512},
-    "icl": {"features": [192, 256, 160, 512], "in_features": 512, "negative_slope": 0.2},
-    "parser": {"context_width": 16, "fusion_attention_width": 8, "fusion_width": 32,
-               "head_widths": [32, 8, 8], "layer_blocks": [2, 2, 2, 2],
-               "layer_widths": [8, 16, 32, 64], "n_classes": 19, "stem_width": 8},
-}
-# The official full widths (config-f generator, IR-SE50 at 64/128/256/512, BiSeNet on ResNet18),
-# for benchmarks with random weights.
-REAL_CONFIGS = {
-    **SMALL_CONFIGS,
-    "id_encoder": {**SMALL_CONFIGS["id_encoder"], "widths": [64, 128, 256, 512]},
-    "attr_encoder": {**SMALL_CONFIGS["attr_encoder"], "widths": [64, 128, 256, 512], "style_width": 512},
-    "mapper": {**SMALL_CONFIGS["mapper"], "features": [512, 512]},
-    "generator": {**SMALL_CONFIGS["generator"],
-                  "channels": [[4, 512], [8, 512], [16, 512], [32, 512], [64, 512], [128, 256], [256, 128]]},
-    "icl": {**SMALL_CONFIGS["icl"], "features": [1024, 2048, 1024, 512]},
-    "parser": {"context_width": 128, "fusion_attention_width": 64, "fusion_width": 256,
-               "head_widths": [256, 64, 64], "layer_blocks": [2, 2, 2, 2],
-               "layer_widths": [64, 128, 256, 512], "n_classes": 19, "stem_width": 64},
-}
-_INIT_INPUTS = {"id_encoder": (1, 112, 112, 3), "attr_encoder": (1, 256, 256, 3),
-                "mapper": (1, 14, 1024), "icl": (1, 512), "parser": (1, 512, 512, 3)}
-
-
-def random_like(shapes, seed: int) -> dict:
-    """Random weights for the variable shapes `shapes` (e.g. `jax.eval_shape(module.init, ...)`):
-    He-normal conv/dense kernels (non-negative in LPIPS's lin0..lin4 layers, as trained ones are:
-    a distance), zero biases, identity BatchNorm, PReLU slopes 0.25, N(0, 1) for equalized-lr
-    weights. Filled in numpy: `module.init` would compile each network's forward pass just to
-    draw random numbers."""
-    gen = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        names = [str(getattr(p, "key", p)) for p in path]
-        name, shape = names[-1], leaf.shape
-        if name == "kernel":
-            fan_in = int(np.prod(shape[:-1]))
-            w = (gen.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-            return np.abs(w) if any(re.fullmatch(r"lin\d", n) for n in names) else w
-        if name in ("bias", "mean"):
-            return np.zeros(shape, np.float32)
-        if name in ("scale", "var"):
-            return np.ones(shape, np.float32)
-        if name in ("negative_slope", "slope"):
-            return np.full(shape, 0.25, np.float32)
-        return gen.standard_normal(shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def random_pipeline(seed: int = 0, conventions: Conventions = OFFICIAL,
-                    configs: dict | None = None) -> Pipeline:
-    """All networks with random weights, at the fixtures' small widths (SMALL_CONFIGS) unless
-    `configs` says otherwise (e.g. REAL_CONFIGS)."""
-    configs = SMALL_CONFIGS if configs is None else configs
-    from ifadit_jax.nets import arcface, bisenet, mappers, psp, stylegan2
-
-    builders = {"id_encoder": arcface.module_from_config, "attr_encoder": psp.module_from_config,
-                "mapper": lambda c: mappers._build(mappers.LatentMapper, c)[0],
-                "icl": lambda c: mappers._build(mappers.ICL, c)[0],
-                "parser": bisenet.module_from_config}
-    rngs = dict(zip(ROLES, jax.random.split(jax.random.key(seed), len(ROLES))))
-    loaded = {}
-    for role, (_, kind) in ROLES.items():
-        if role == "flow":
-            cfg = flow_lib.SifConfig(variant=conventions.flow_variant)
-            params = flow_lib.init_sif(rngs[role], cfg)
-            variables, config = flow_lib.to_variables(params), cfg.to_dict()
-        elif role == "generator":
-            config = configs[role]
-            variables = stylegan2.init_variables(stylegan2.Config.from_json(config), rngs[role])
-        else:
-            config = configs[role]
-            if role == "attr_encoder":
-                config = {**config, "input_range": list(conventions.attr_input_range)}
-            module = builders[role](config)
-            shapes = jax.eval_shape(module.init, rngs[role], jnp.zeros(_INIT_INPUTS[role]))
-            variables = random_like(shapes, seed + len(loaded))
-        loaded[role] = weights.loader(kind)(variables, weights.Meta(kind=kind, config=config))
-    nets = nets_from_loaded(loaded, conventions)
-    # Two gains so that the key visibly matters: FrEIA's initialization leaves a random flow
-    # almost independent of the key (z moves ~1% between keys), and random E_Attr output layers
-    # emit W+ codes of magnitude ~70 that drown the unit-length identity in M's input.
-    nets = nets.replace(
-        flow=_scale_leaves(nets.flow, RANDOM_FLOW_GAIN, "kernel"),
-        attr_vars=_scale_leaves(nets.attr_vars, RANDOM_ATTR_GAIN, "weight", under="style_"))
-    return Pipeline(nets, weights_id=f"random-{seed}")
-
-
-RANDOM_FLOW_GAIN = 2.5
-RANDOM_ATTR_GAIN = 0.01
-
-
-def _scale_leaves(tree, gain: float, leaf_name: str, under: str | None = None):
-    """Multiplies the leaves called `leaf_name` (below a node whose name starts with `under`)."""
-    def scale(path, leaf):
-        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
-        hit = names[-1] == leaf_name and (under is None or any(n.startswith(under) for n in names))
-        return leaf * np.float32(gain) if hit else leaf
-
-    return jax.tree_util.tree_map_with_path(scale, tree)

@@ -27,10 +27,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from ifadit_jax import cli
+from ifadit_jax import cli, roles
 from ifadit_jax.data import DataConfig, make_dataset
 from ifadit_jax.errors import IfaditError, InputError
-from ifadit_jax.training import checkpoints, networks, objective, step as step_lib, writers
+from ifadit_jax.training import checkpoints, freezing, networks, objective, writers
+from ifadit_jax.training import step as step_lib
 
 PRECISIONS = ("default", "float32", "tensorfloat32", "bfloat16")
 BN_MODES = ("batch", "frozen")
@@ -59,6 +60,12 @@ def _check(config) -> None:
         problems.append(f"attr_batch_norm must be one of {BN_MODES}, got {config.attr_batch_norm!r}")
     if problems:
         raise InputError("config: " + "; ".join(problems))
+    path = config.data.path
+    if not path:
+        raise InputError("no training data: set --config.data.path DIR (a folder of face "
+                         "images, FFHQ* or array_record; see configs/phase1.py)")
+    if not os.path.exists(path):
+        raise InputError(f"--config.data.path {path}: no such file or folder")
 
 
 def _split_batch(global_batch: int, n_devices: int, processes: int, div: bool) -> int:
@@ -74,11 +81,8 @@ def _split_batch(global_batch: int, n_devices: int, processes: int, div: bool) -
     return per_device
 
 
-def _first_device(tree):
-    return jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data)[0], tree)
-
-
 def _save_config(config, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
     with open(path, "w") as f:
         f.write(config.to_json_best_effort(indent=1, sort_keys=True))
@@ -92,7 +96,7 @@ class Run:
     workdir: str
     devices: list
     built: networks.Networks  # the networks as they started (before any training)
-    trainable: tuple[str, ...]
+    labels: dict  # freezing.labels of the carried roles: what the optimizer trains
     obj: objective.Objective  # what the step minimizes
     optimizer: Any  # optax.GradientTransformation
     p_step: Any  # the pmapped train step: step_lib.make_step(obj, optimizer, devices)
@@ -105,14 +109,37 @@ class Run:
 
     @property
     def step(self) -> int:
-        return int(np.asarray(self.state.step.addressable_shards[0].data)[0])
+        return int(step_lib.unreplicate(self.state.step))
 
     def batch(self):
         return step_lib.shard_batch(next(self.data_it)["image"], self.devices)
 
 
+def _start_networks(config, built, latest: int | None):
+    """`built` with `config.init_from`'s trained networks when this run does not resume
+    (see `setup`)."""
+    if latest is not None or not config.init_from:
+        return built
+    step0, tree = checkpoints.read_trained(config.init_from)
+    nets = networks.override(built.nets, tree, f"init_from {config.init_from} (step {step0})")
+    return dataclasses.replace(built, nets=nets)
+
+
+def _initial_state(config, built, trainable):
+    """(label tree, optimizer, host TrainState) of the roles that train."""
+    tree = roles.weights_tree(built.nets)
+    labels = freezing.labels(tree, trainable)
+    carried = freezing.carried(tree, labels)
+    params = {role: tree[role] for role in carried}
+    labels = {role: labels[role] for role in carried}
+    optimizer = step_lib.make_optimizer(config, labels)
+    state = step_lib.TrainState.create(params, optimizer, int(config.seed))
+    return labels, optimizer, jax.tree.map(np.asarray, state)
+
+
 def setup(config, workdir: str) -> Run:
-    """Builds the networks, the state and the step, and restores or initializes them.
+    """Builds the networks, the state and the step, and restores or initializes them. Nothing
+    is written (the workdir is not even created) before every input has been checked.
 
     Resume order: the latest checkpoint in `workdir` first (an interrupted run continues exactly
     where it stopped: params, optimizer state, statistics, rng and data position; only the
@@ -121,50 +148,140 @@ def setup(config, workdir: str) -> Run:
     `config.nets` builds them.
     """
     _check(config)
-    os.makedirs(workdir, exist_ok=True)
     devices = jax.local_devices()
     loss_weights = objective.LossWeights.from_config(config.losses)
     _split_batch(int(config.data.batch_size), len(devices), jax.process_count(),
                  bool(loss_weights.div))
-    trainable = networks.check_trainable(config.trainable)
+    trainable = freezing.check_trainable(config.trainable)
     built = networks.build(config)
-    nets = built.nets
+    data_it = iter(make_dataset(DataConfig.from_mapping(config.data), "train"))
+    # Every input is checked: the workdir may be created now. Every process opens the manager
+    # before reading its latest step (orbax synchronizes the processes there).
     ckpts = checkpoints.Checkpoints(workdir, int(config.keep_checkpoints))
     latest = ckpts.latest_step()
-    if latest is None and config.init_from:
-        step0, params, stats = checkpoints.read_trained(config.init_from)
-        nets = networks.override(nets, params, stats,
-                                 f"init_from {config.init_from} (step {step0})")
-        built = dataclasses.replace(built, nets=nets)
-
-    optimizer = step_lib.make_optimizer(config)
-    state = step_lib.TrainState.create(networks.trainable_params(nets, trainable),
-                                       networks.batch_stats(nets, trainable), optimizer,
-                                       int(config.seed))
-    state = jax.tree.map(np.asarray, state)
-    data_it = iter(make_dataset(DataConfig.from_mapping(config.data), "train"))
+    built = _start_networks(config, built, latest)
+    labels, optimizer, state = _initial_state(config, built, trainable)
     if latest is not None:
         state = ckpts.restore(latest, state, data_it)
         state = state.replace(opt_state=step_lib.set_learning_rate(state.opt_state, config.lr))
         print(f"resumed from {ckpts.directory} at step {latest}", flush=True)
     elif jax.process_index() == 0:
         _save_config(config, workdir)
-
+    if jax.process_index() == 0:
+        print(networks.parameter_overview(built.nets, trainable), flush=True)
     obj = objective.Objective(
         weights=loss_weights, refine=bool(config.refine),
         train_attr_bn="attr_encoder" in trainable and config.attr_batch_norm == "batch",
         axis_name=step_lib.AXIS)
-    return Run(config=config, workdir=workdir, devices=devices, built=built, trainable=trainable,
+    return Run(config=config, workdir=workdir, devices=devices, built=built, labels=labels,
                obj=obj, optimizer=optimizer, p_step=step_lib.make_step(obj, optimizer, devices),
                state=step_lib.replicate(state, devices),
-               frozen=step_lib.replicate(networks.frozen_nets(nets, trainable), devices),
+               frozen=step_lib.replicate(roles.without(built.nets, tuple(labels)), devices),
                loss_nets=step_lib.replicate(built.loss_nets, devices),
                data_it=data_it, ckpts=ckpts, restored_step=latest)
 
 
-def _sample_grid(samples) -> np.ndarray:
-    first = _first_device(samples)
-    return writers.grid({k: first[k] for k in objective.SAMPLE_COLUMNS if k in first})
+# ----------------------------------------------------------------------------- the loop
+
+@dataclasses.dataclass
+class _Outputs:
+    """What process 0 writes while training: metrics.jsonl, TensorBoard events, sample grids."""
+
+    workdir: str
+    jsonl: Any = None
+    events: Any = None
+
+    @classmethod
+    def open(cls, workdir: str, main_process: bool) -> "_Outputs":
+        if not main_process:
+            return cls(workdir)
+        return cls(workdir, writers.JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+                   writers.EventWriter(os.path.join(workdir, "tensorboard")))
+
+    def log(self, step: int, total: int, values: dict) -> None:
+        if self.jsonl is None:
+            return
+        self.jsonl.write(step, values)
+        self.events.scalars(step, values)
+        print(f"step {step}/{total}  loss {values['loss']:.5g}  "
+              f"{values['steps_per_sec']:.3g} steps/s", flush=True)
+
+    def sample(self, step: int, samples) -> None:
+        if self.jsonl is None:
+            return
+        first = step_lib.unreplicate(samples)
+        columns = {label: first[k] for k, label in objective.SAMPLE_COLUMNS.items() if k in first}
+        image = writers.grid(columns)
+        os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
+        writers.save_grid(os.path.join(self.workdir, "samples", f"step_{step:08d}.png"), image)
+        self.events.image(step, "samples", image)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.events.close()
+
+
+class _Timer:
+    """Steps per second since the last log line."""
+
+    def __init__(self):
+        self.start, self.steps = time.perf_counter(), 0
+
+    def rates(self, batch_size: int) -> dict:
+        elapsed = time.perf_counter() - self.start
+        out = {"steps_per_sec": self.steps / elapsed,
+               "images_per_sec": self.steps * batch_size / elapsed}
+        self.start, self.steps = time.perf_counter(), 0
+        return out
+
+
+def _stop_if_nonfinite(run: Run, last_ckpt: int | None) -> None:
+    bad = int(step_lib.unreplicate(run.state.nonfinite_step))
+    if bad >= 0:
+        raise NonFiniteLossError(
+            f"non-finite loss, gradient or update at step {bad}; stopped. The last good "
+            "checkpoint is " + (f"step {last_ckpt}" if last_ckpt is not None
+                                else "none (none was written)") + f" in {run.ckpts.directory}")
+
+
+def _train_steps(run: Run, out: _Outputs) -> dict:
+    """The loop from the step after `run.state`'s to `config.total_steps`; returns the last
+    logged metrics."""
+    config, total = run.config, int(run.config.total_steps)
+    last: dict = {"step": run.step}
+    last_ckpt, timer = run.restored_step, _Timer()
+    for step in range(run.step + 1, total + 1):
+        run.state, metrics, samples = run.p_step(run.state, run.frozen, run.loss_nets, run.batch())
+        timer.steps += 1
+        is_log = step % config.log_every == 0 or step == total
+        is_ckpt = step % config.checkpoint_every == 0 or step == total
+        is_sample = bool(config.sample_every) and (step % config.sample_every == 0 or step == total)
+        if not (is_log or is_ckpt or is_sample):
+            continue
+        _stop_if_nonfinite(run, last_ckpt)
+        if is_log:
+            values = {k: float(v) for k, v in step_lib.unreplicate(metrics).items()}
+            values.update(timer.rates(int(config.data.batch_size)))
+            last = {"step": step, **values}
+            out.log(step, total, values)
+        if is_sample:
+            out.sample(step, samples)
+        if is_ckpt:
+            run.ckpts.save(step, step_lib.unreplicate(run.state), run.data_it)
+            last_ckpt = step
+    return last
+
+
+def _export(run: Run) -> None:
+    """WORKDIR/weights: every network of the run with the trained ones' final weights."""
+    final = step_lib.unreplicate(run.state)
+    nets = roles.with_weights_tree(run.built.nets, final.params)
+    out = os.path.join(run.workdir, "weights")
+    total = int(run.config.total_steps)
+    ident = networks.export_weights(nets, run.built.roles, out,
+                                    f"trained:{os.path.abspath(run.workdir)}@{total}")
+    print(f"wrote {out} (weights id {ident})", flush=True)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -177,76 +294,125 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """
     run = setup(config, workdir)
     main_process = jax.process_index() == 0
-    total = int(config.total_steps)
-    first = run.step + 1
-    jsonl = writers.JsonlWriter(os.path.join(workdir, "metrics.jsonl")) if main_process else None
-    events = writers.EventWriter(os.path.join(workdir, "tensorboard")) if main_process else None
-    last_ckpt = run.restored_step
-    last: dict = {"step": first - 1}
+    out = _Outputs.open(workdir, main_process)
     precision = (jax.default_matmul_precision(config.matmul_precision)
                  if config.matmul_precision != "default" else contextlib.nullcontext())
-    t_log, steps_since = time.perf_counter(), 0
     try:
         with precision:
-            for step in range(first, total + 1):
-                run.state, metrics, samples = run.p_step(run.state, run.frozen, run.loss_nets,
-                                                         run.batch())
-                steps_since += 1
-                is_log = step % config.log_every == 0 or step == total
-                is_ckpt = step % config.checkpoint_every == 0 or step == total
-                is_sample = bool(config.sample_every) and (step % config.sample_every == 0
-                                                           or step == total)
-                if not (is_log or is_ckpt or is_sample):
-                    continue
-                bad = int(np.asarray(run.state.nonfinite_step.addressable_shards[0].data)[0])
-                if bad >= 0:
-                    raise NonFiniteLossError(
-                        f"non-finite loss, gradient or update at step {bad}; stopped. The last "
-                        "good checkpoint is " + (f"step {last_ckpt}" if last_ckpt is not None
-                                                 else "none (none was written)")
-                        + f" in {run.ckpts.directory}")
-                if is_log:
-                    values = {k: float(v) for k, v in _first_device(metrics).items()}
-                    elapsed = time.perf_counter() - t_log
-                    values["steps_per_sec"] = steps_since / elapsed
-                    values["images_per_sec"] = steps_since * int(config.data.batch_size) / elapsed
-                    t_log, steps_since = time.perf_counter(), 0
-                    last = {"step": step, **values}
-                    if main_process:
-                        jsonl.write(step, values)
-                        events.scalars(step, values)
-                        print(f"step {step}/{total}  loss {values['loss']:.5g}  "
-                              f"{values['steps_per_sec']:.3g} steps/s", flush=True)
-                if is_sample and main_process:
-                    image = _sample_grid(samples)
-                    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-                    png = writers.save_grid(os.path.join(workdir, "samples", f"step_{step:08d}.png"),
-                                            image)
-                    events.image(step, "samples", png, *image.shape[:2])
-                if is_ckpt:
-                    run.ckpts.save(step, step_lib.unreplicate(run.state), run.data_it)
-                    last_ckpt = step
+            last = _train_steps(run, out)
         run.ckpts.wait()
         if config.export_weights and main_process:
-            final = step_lib.unreplicate(run.state)
-            nets = networks.merge(networks.frozen_nets(run.built.nets, run.trainable),
-                                  final.params, final.batch_stats)
-            out = os.path.join(workdir, "weights")
-            ident = networks.export_weights(nets, run.built.roles, out,
-                                            f"trained:{os.path.abspath(workdir)}@{total}")
-            print(f"wrote {out} (weights id {ident})", flush=True)
+            _export(run)
     finally:
         run.ckpts.wait()
         run.ckpts.close()
-        if main_process:
-            jsonl.close()
-            events.close()
+        out.close()
     return last
 
 
 # ----------------------------------------------------------------------------- command line
 
-def main(argv) -> int:
+COMMON_FIELDS = (
+    ("data.path", "training images: a folder, FFHQ* (ifadit_jax.data.synthesize) or array_record"),
+    ("nets.dir", "folder of converted networks (ifadit_jax.roles file names)"),
+    ("loss_nets.lpips", "converted LPIPS file (ports/convert_lpips.py)"),
+    ("loss_nets.landmarks", "converted MobileFaceNet file (ports/convert_mobilefacenet.py)"),
+    ("init_from", "phase II: the phase I workdir whose E_Attr and M it starts from"),
+    ("total_steps", "steps of this run"),
+    ("lr", "Adam learning rate (4e-4)"),
+    ("data.batch_size", "global batch over all devices and processes (4)"),
+    ("log_every", "steps between metric lines"),
+    ("checkpoint_every", "steps between checkpoints"),
+    ("sample_every", "steps between labelled sample grids (0: none)"),
+    ("trainable", "roles this run trains"),
+    ("export_weights", "write WORKDIR/weights at the end (pipeline.load format)"),
+    ("matmul_precision", "default | float32 | tensorfloat32 | bfloat16"),
+)
+
+
+def _config_words() -> dict[str, tuple[str, ...]]:
+    """{config file: its words}, read from the configs/ folder beside the package."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    out = {}
+    for phase in (1, 2):
+        try:
+            module = _load_config_module(os.path.join(folder, f"phase{phase}.py"))
+            out[f"configs/phase{phase}.py"] = tuple(module.WORDS)
+        except Exception:  # noqa: BLE001 - help must print even without the configs folder
+            continue
+    return out
+
+
+def usage() -> str:
+    lines = ["usage: python -m ifadit_jax.train --phase {1,2} --config FILE[:WORDS] --workdir DIR "
+             "[--config.FIELD VALUE ...]",
+             "",
+             "Trains iFADIT (paper §3.5): phase 1 trains E_Attr and M on L_P1, phase 2 trains T "
+             "and C on L_P2 (--config.init_from the phase 1 workdir). A workdir resumes from its "
+             "latest checkpoint.",
+             "",
+             "config words (comma-separated after ':', e.g. configs/phase2.py:smoke,no_div):"]
+    lines += [f"  {file}: {', '.join(words)}" for file, words in _config_words().items()]
+    lines += ["", "common fields (--config.FIELD VALUE; booleans as --config.FIELD=False):"]
+    lines += [f"  --config.{name:<20} {what}" for name, what in COMMON_FIELDS]
+    lines += ["", "flags:",
+              "  --phase {1,2}                must match the config's phase",
+              "  --config FILE[:WORDS]        configs/phase1.py or configs/phase2.py",
+              "  --workdir DIR                run folder (checkpoints, metrics, samples, weights)",
+              "  --distributed                multi-host: call jax.distributed.initialize() (with "
+              "--coordinator_address HOST:PORT --num_processes N --process_id I off managed "
+              "clusters)",
+              "", "exit codes: 0 ok, 2 usage, 3 weights, 4 input, 7 non-finite loss"]
+    return "\n".join(lines)
+
+
+def _load_config_module(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ifadit_train_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _field_names(config, prefix: str = "") -> list[str]:
+    names = []
+    for key, value in config.items():
+        names.append(prefix + key)
+        if hasattr(value, "items"):
+            names += _field_names(value, f"{prefix}{key}.")
+    return names
+
+
+def _config_spec(argv) -> str | None:
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
+        spec = argv[argv.index("--config") + 1]
+    return spec
+
+
+def _unknown_field(argv, name: str | None) -> InputError:
+    """One line naming the unknown `--config.NAME` of `argv` (`name` if the config named by
+    --config does not load), with the closest field of that config."""
+    import difflib
+
+    fields = []
+    spec = _config_spec(argv)
+    if spec:
+        path, _, arg = spec.partition(":")
+        try:
+            fields = _field_names(_load_config_module(path).get_config(arg or None))
+        except Exception:  # noqa: BLE001 - the suggestion is a courtesy; the error stands
+            pass
+    given = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    given += [a[len("--noconfig."):] for a in argv if a.startswith("--noconfig.")]
+    name = next((g for g in given if fields and g not in fields), name) or "?"
+    close = difflib.get_close_matches(name, fields, n=1)
+    hint = f" (did you mean --config.{close[0]}?)" if close else ""
+    return InputError(f"unknown config field --config.{name}{hint}")
+
+
+def _define_flags():
     from absl import flags
     from ml_collections import config_flags
 
@@ -264,21 +430,40 @@ def main(argv) -> int:
                          flag_values=fv)
     flags.DEFINE_integer("process_id", None, "this process's index (with --distributed)",
                          flag_values=fv)
+    return fv
+
+
+def _parse(argv):
+    """The parsed flags; every parse problem as one InputError line."""
+    from absl import flags
+
+    fv = _define_flags()
     try:
         rest = fv(["ifadit_jax.train", *argv])[1:]
+    except flags.UnrecognizedFlagError as e:
+        if str(e.flagname).startswith("config."):
+            raise _unknown_field(argv, e.flagname[len("config."):]) from None
+        raise InputError(f"unknown flag --{e.flagname} (see --help)") from None
     except flags.Error as e:  # a config file's own error arrives as a traceback: keep its last line
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise InputError(" ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)) from None
-    except AttributeError as e:  # an override of a field the config does not have
-        raise InputError(f"unknown config field {str(e).strip(chr(34))}") from None
-
+    except AttributeError:  # an override of a field the config does not have
+        raise _unknown_field(argv, None) from None
     if rest:  # e.g. `--config.data.shuffle False`: a boolean flag takes no separate value
         raise InputError(f"unexpected argument(s) {rest}; boolean fields are set as "
                          "--config.FIELD=False (or --noconfig.FIELD)")
+    return fv
+
+
+def main(argv) -> int:
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
+        print(usage())
+        return 0
+    fv = _parse(argv)
     missing = [f"--{n}" for n in ("phase", "config", "workdir") if fv[n].value is None]
     if missing:
         raise InputError(f"missing {', '.join(missing)} (usage: python -m ifadit_jax.train "
-                         "--phase 1 --config configs/phase1.py --workdir DIR)")
+                         "--phase 1 --config configs/phase1.py --workdir DIR; see --help)")
     config = fv.config
     if config.phase != fv.phase:
         raise InputError(f"--phase {fv.phase} but the config is for phase {config.phase}")

@@ -13,7 +13,7 @@ holds the files the official test script loads, under their official names:
 | identity encoder E_ID | `model_ir_se50.pth` | IR-SE50 ArcFace |
 | face parser (refinement) | `79999_iter.pth` | BiSeNet |
 
-OUT_DIR receives one `.safetensors` file per network (the names `ifadit_jax.pipeline.ROLES`
+OUT_DIR receives one `.safetensors` file per network (the names `ifadit_jax.roles.ROLES`
 gives) and `manifest.json` with the conventions, each file's sha256 and its source's name and
 sha256, and a weights id derived from the tensors. `ifadit_jax.weights_folder.write` builds it
 beside OUT_DIR and moves it into place only when every network converted, so a failure leaves
@@ -28,7 +28,7 @@ import glob
 import os
 from typing import Callable
 
-from ifadit_jax import pipeline, weights_folder
+from ifadit_jax import pipeline, roles, weights_folder
 from ifadit_jax.errors import InputError, WeightsError
 from ports import common, convert_arcface, convert_bisenet, convert_psp, convert_stylegan2, ifadit
 
@@ -83,7 +83,7 @@ def convert_release(src_dir: str, out_dir: str, force: bool = False) -> dict:
     weights_folder.check_target(os.path.abspath(out_dir), force=force, sources=protected)
     networks = {}
     for role, src in sources.items():
-        name, kind = pipeline.ROLES[role]
+        name, kind = roles.ROLES[role].file, roles.ROLES[role].kind
         variables, meta = common.guarded_convert(CONVERTERS[role], src)
         if meta.kind != kind:
             raise WeightsError(f"{src}: converted to a '{meta.kind}' network, expected '{kind}'")

@@ -42,6 +42,34 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None,
     return proc
 
 
+def load_config(phase: int, arg: str | None = "smoke"):
+    """configs/phase{phase}.py's config for `arg` (loaded by path, as the training CLI does)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"cfg{phase}", ROOT / "configs" / f"phase{phase}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def smoke(phase: int, data, arg: str = "smoke", **fields):
+    """A smoke training config of `phase` on the images in `data`, 3 checkpoints kept, with
+    `fields` set."""
+    c = load_config(phase, arg)
+    c.data.path = str(data)
+    c.keep_checkpoints = 3
+    for k, v in fields.items():
+        c[k] = v
+    return c
+
+
+def leaves(tree) -> dict[str, np.ndarray]:
+    """{key path: leaf} of a pytree, as numpy arrays."""
+    import jax
+
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def convert(script: str, *args: str, out: Path) -> Path:
     """Runs the real converter CLI `ports/<script>` and returns the written file."""
     run_cli(f"ports/{script}", *args, str(out))

@@ -25,7 +25,8 @@ from PIL import Image
 from experiments import evaluate as ev
 from experiments import run, tables
 from ifadit_jax import flow as flow_lib
-from ifadit_jax import imageio, keys, pipeline, weights, weights_folder
+from ifadit_jax import imageio, keys, pipeline, random_nets, weights, weights_folder
+from ifadit_jax import roles as roles_lib
 from ifadit_jax.errors import InputError, WeightsError
 from tests.helpers import convert, fixture, run_cli
 
@@ -114,7 +115,7 @@ def documented_keys(pipe, stream_id, indices):
     base = jax.random.fold_in(jax.random.key(SEED), stream_id)
     u = np.stack([(np.asarray(jax.random.uniform(jax.random.fold_in(base, i), (512,))) + 1) / 2
                   for i in indices])
-    return np.asarray(pipeline.key_from_vector(pipe.nets, jnp.asarray(u)))
+    return np.asarray(keys.key_from_vector(jnp.asarray(u), pipeline.mapping(pipe.nets)))
 
 
 def in_pairs(fn, *arrays):
@@ -342,18 +343,18 @@ def test_cli_all_on_the_demo_with_kdf_keys(mtcnn_file, faces_dir, tmp_path):
         run.main(argv)
 
 
-def save_weights_folder(pipe, out, roles=tuple(pipeline.ROLES)):
+def save_weights_folder(pipe, out, roles=tuple(roles_lib.ROLES)):
     """Writes an in-memory demo pipeline as a weights folder (what a trainer exports)."""
     nets = pipe.nets
     variables = {"id_encoder": nets.id_vars, "attr_encoder": nets.attr_vars, "mapper": nets.mapper_vars,
                  "generator": nets.generator_vars, "icl": nets.icl_vars, "parser": nets.parser_vars}
     networks = {}
     for role in roles:
-        name, kind = pipeline.ROLES[role]
+        name, kind = roles_lib.ROLES[role].file, roles_lib.ROLES[role].kind
         if role == "flow":
             v, config = flow_lib.to_variables(nets.flow), nets.flow.config.to_dict()
         else:
-            v, config = variables[role], pipeline.SMALL_CONFIGS[role]
+            v, config = variables[role], random_nets.SMALL_CONFIGS[role]
         networks[role] = (name, jax.tree.map(np.asarray, v), weights.Meta(kind=kind, config=config))
     weights_folder.write(out, networks, "official")
     return out
@@ -380,7 +381,7 @@ def test_table5_on_the_demo_ablations_and_from_weights_folders(faces_dir, tmp_pa
     variants = ev.demo_ablations(ev.demo_pipeline(0))
     full = save_weights_folder(variants["full"], tmp_path / "full")
     no_icl = save_weights_folder(variants["no_icl"], tmp_path / "no_icl",
-                                 [r for r in pipeline.ROLES if r != "icl"])
+                                 [r for r in roles_lib.ROLES if r != "icl"])
     assert run.main(["table5", "--ablation", f"full={full}", "--ablation", f"no_icl={no_icl}", *common,
                      "--out", str(tmp_path / "folders")]) == 0
     with open(tmp_path / "folders" / "table5.csv") as f:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from ifadit_jax import losses, pipeline
+from ifadit_jax import losses, random_nets
 from ifadit_jax.errors import InputError
 from ifadit_jax.nets import bisenet, lpips, mobilefacenet
 from ifadit_jax.training import networks
@@ -102,9 +102,9 @@ def loss_nets():
 
 @pytest.fixture(scope="module")
 def parser():
-    config = networks.TINY_CONFIGS["parser"]
+    config = random_nets.TINY_CONFIGS["parser"]
     module = bisenet.module_from_config(config)
-    variables = pipeline.random_like(jax.eval_shape(module.init, jax.random.key(0),
+    variables = random_nets.random_like(jax.eval_shape(module.init, jax.random.key(0),
                                                     jnp.zeros((1, 64, 64, 3))), 3)
     return bisenet.LoadedBiSeNet(config, variables)
 

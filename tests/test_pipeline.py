@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ifadit_jax import pipeline
+from ifadit_jax import pipeline, random_nets, roles
 from ifadit_jax.errors import InputError, WeightsError
 from tests.helpers import fixture, load_npz, nchw_to_nhwc, run_cli
 
@@ -69,7 +69,7 @@ def check(name, got, want):
 def test_manifest(weights_dir, pipe):
     manifest = json.loads((weights_dir / "manifest.json").read_text())
     assert manifest["conventions"] == "official" and pipe.conventions == pipeline.OFFICIAL
-    assert set(manifest["files"]) == set(pipeline.ROLES)
+    assert set(manifest["files"]) == set(roles.ROLES)
     assert manifest["files"]["flow"]["source_file"] == "G_net_15.pth"
     assert len(pipe.weights_id) == 16 and pipe.weights_id == manifest["weights_id"]
 
@@ -115,8 +115,7 @@ def test_refinement_blends_with_the_parser_mask(pipe, e2e):
     np.testing.assert_allclose(out, want, atol=1e-6)
     np.testing.assert_allclose(inter["generated"], nchw_to_nhwc(e2e["img_anon"]), atol=TOL["img_anon"])
     from ifadit_jax import refine
-    parser = pipeline.ROLES["parser"]
-    assert parser[1] == "bisenet"
+    assert roles.ROLES["parser"].kind == "bisenet"
     want_mask = refine.face_mask_from_parser(pipe.nets.parser_module, pipe.nets.parser_vars, jnp.asarray(x))
     np.testing.assert_allclose(mask, want_mask, atol=1e-6)
 
@@ -187,6 +186,6 @@ def test_conventions_are_checked_against_the_weights(tmp_path, weights_dir):
     (copy / "manifest.json").write_text(json.dumps({**manifest, "conventions": "paper"}))
     with pytest.raises(WeightsError, match="'allinone' variant but the 'paper' conventions"):
         pipeline.load(copy)
-    paper = pipeline.random_pipeline(0, conventions=pipeline.PAPER)
+    paper = random_nets.random_pipeline(0, conventions=pipeline.PAPER)
     assert paper.nets.flow.config.variant == "sacb"
     assert tuple(paper.nets.attr_module.input_range) == (-1.0, 1.0)

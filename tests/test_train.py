@@ -9,8 +9,9 @@ cache and matmul precision as this process.
 """
 
 import csv
-import importlib.util
+import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -24,32 +25,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ifadit_jax import imageio, pipeline, train
+from ifadit_jax import imageio, pipeline, roles, train
 from ifadit_jax.errors import InputError, WeightsError
-from ifadit_jax.training import checkpoints, networks, objective, writers
-from tests.helpers import ROOT, run_cli
+from ifadit_jax.training import checkpoints, freezing, networks, objective, writers
+from tests.helpers import ROOT, leaves, load_config, run_cli, smoke
 
 
 # The tests that train share module fixtures (run1, run2, ...) and compiled steps: under
 # `pytest -n` (`--dist loadgroup`, pyproject.toml) they run on one worker, so nothing trains or
 # compiles twice; the rest of the suite spreads over the other workers.
 RUNS = pytest.mark.xdist_group("train_runs")
-
-
-def load_config(phase: int, arg: str = "smoke"):
-    spec = importlib.util.spec_from_file_location(f"cfg{phase}", ROOT / "configs" / f"phase{phase}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def smoke(phase: int, data, arg: str = "smoke", **fields):
-    c = load_config(phase, arg)
-    c.data.path = str(data)
-    c.keep_checkpoints = 3
-    for k, v in fields.items():
-        c[k] = v
-    return c
 
 
 def write_faces(folder, shifts):
@@ -109,10 +94,6 @@ def raw_state(workdir, step):
         m.close()
 
 
-def leaves(tree):
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def assert_trees_equal(a, b):
     la, lb = leaves(a), leaves(b)
     assert la.keys() == lb.keys()
@@ -156,23 +137,24 @@ def test_ablation_objectives(faces):
     def trace(arg):
         cfg = smoke(2, faces, arg)
         built = networks.build(cfg)
-        roles = networks.check_trainable(cfg.trainable)
+        trainable = freezing.check_trainable(cfg.trainable)
         obj = objective.Objective(objective.LossWeights.from_config(cfg.losses), refine=cfg.refine,
-                                  train_attr_bn="attr_encoder" in roles)
-        params = networks.trainable_params(built.nets, roles)
-        frozen = networks.frozen_nets(built.nets, roles)
-        stats = networks.batch_stats(built.nets, roles)
+                                  train_attr_bn="attr_encoder" in trainable)
+        tree = roles.weights_tree(built.nets)
+        labels = freezing.labels(tree, trainable)
+        params = {role: tree[role] for role in freezing.carried(tree, labels)}
+        frozen = roles.without(built.nets, tuple(params))
 
         def loss(p, x):
-            nets = networks.merge(frozen, p, stats)
+            nets = roles.with_weights_tree(frozen, p)
             return objective.compute(obj, nets, built.loss_nets, x, jax.random.key(0), 0)[:2]
 
         fn = jax.vmap(jax.grad(loss, has_aux=True), in_axes=(None, 0), axis_name="batch")
         grads, terms = jax.eval_shape(fn, params, jax.ShapeDtypeStruct((1, 4, 256, 256, 3), np.float32))
         return built.nets, set(grads), set(terms)
 
-    nets, roles, terms = trace("smoke,no_icl,no_div,no_img")
-    assert nets.icl_module is None and roles == {"flow"}
+    nets, trained, terms = trace("smoke,no_icl,no_div,no_img")
+    assert nets.icl_module is None and trained == {"flow"}
     assert {"anon", "deanon"} <= terms and not {"div", "img", "p1"} & terms
 
 
@@ -190,18 +172,24 @@ def test_phase1_smoke_run(run1):
         assert r["loss"] == pytest.approx(0.01 * r["p1/vq"] + r["p1/sem"], rel=1e-6)
     assert steps(workdir) == [1, 2, 3]
     assert json.load(open(workdir / "config.json"))["phase"] == 1
+    # The smoke config samples every step; rows: the 2 examples, columns: X, X~ under a strip
+    # with their labels.
+    assert sorted(os.listdir(workdir / "samples")) == [f"step_0000000{i}.png" for i in (1, 2, 3)]
     grid = np.asarray(Image.open(workdir / "samples" / "step_00000003.png"))
-    assert grid.shape == (2 * 256, 2 * 256, 3)  # rows: the 2 examples; columns: X, X~
+    top = writers.LABEL_HEIGHT
+    assert grid.shape == (top + 2 * 256, 2 * 256, 3)
+    assert_labelled(grid, 2)
     # The first column is X itself: the training images (64 px PNGs resized to 256).
-    assert grid[:256, :256].std() > 10
-    # TensorBoard: the same scalars and the grid, read back with protobuf (see below).
+    assert grid[top:top + 256, :256].std() > 10
+    # TensorBoard: the same scalars and every grid, read back record by record.
     events = read_events(workdir / "tensorboard")
-    assert events[0].file_version == "brain.Event:2"
     loss = {e.step: v.simple_value for e in events for v in e.summary.value if v.tag == "loss"}
     assert loss == pytest.approx({r["step"]: r["loss"] for r in rows}, rel=1e-6)
-    images = [v.image for e in events for v in e.summary.value if v.HasField("image")]
-    assert len(images) == 1 and (images[0].height, images[0].width) == (512, 512)
-    assert images[0].encoded_image_string == open(workdir / "samples" / "step_00000003.png", "rb").read()
+    images = {e.step: v.image for e in events for v in e.summary.value if v.HasField("image")}
+    assert sorted(images) == [1, 2, 3]
+    assert (images[3].height, images[3].width) == grid.shape[:2]
+    decoded = np.asarray(Image.open(io.BytesIO(images[3].encoded_image_string)).convert("RGB"))
+    np.testing.assert_array_equal(decoded, grid)
 
 
 @RUNS
@@ -218,18 +206,21 @@ def test_phase2_smoke_run_from_phase1(run1, run2):
     # The exported folder loads as a pipeline; E_Attr and M are phase I's final weights (phase
     # II started from them and kept them frozen), T and C were trained.
     pipe = pipeline.load(workdir / "weights")
-    _, p1_params, p1_stats = checkpoints.read_trained(run1[0])
-    assert_trees_equal(pipe.nets.attr_vars["params"], p1_params["attr_encoder"])
-    assert_trees_equal(pipe.nets.attr_vars["batch_stats"], p1_stats["attr_encoder"])
-    assert_trees_equal(pipe.nets.mapper_vars["params"], p1_params["mapper"])
-    _, p2_params, _ = checkpoints.read_trained(workdir)
-    assert set(p2_params) == {"flow", "icl"}
-    assert_trees_equal(pipe.nets.icl_vars["params"], p2_params["icl"])
+    _, p1 = checkpoints.read_trained(run1[0])
+    assert set(p1["attr_encoder"]) == {"params", "batch_stats"}
+    assert_trees_equal(pipe.nets.attr_vars, p1["attr_encoder"])
+    assert_trees_equal(pipe.nets.mapper_vars, p1["mapper"])
+    _, p2 = checkpoints.read_trained(workdir)
+    assert set(p2) == {"flow", "icl"}
+    assert_trees_equal(pipe.nets.icl_vars, p2["icl"])
+    assert_trees_equal(roles.weights_of(pipe.nets, "flow"), p2["flow"])
     fresh = networks.build(smoke(2, "unused")).nets
     assert not np.array_equal(pipe.nets.flow.blocks[0]["w"]["fc0"]["kernel"],
                               fresh.flow.blocks[0]["w"]["fc0"]["kernel"])
     grid = np.asarray(Image.open(workdir / "samples" / "step_00000002.png"))
-    assert grid.shape == (4 * 256, 5 * 256, 3)  # X, X_anon, X_anon (2nd key), X_rec, X_wrong
+    # input, anonymized, anonymized (2nd key), recovered, wrong key
+    assert grid.shape == (writers.LABEL_HEIGHT + 4 * 256, 5 * 256, 3)
+    assert_labelled(grid, 5)
 
 
 @pytest.fixture(scope="module")
@@ -258,8 +249,9 @@ def test_single_phase_trains_everything_and_table5_reads_the_exports(tmp_path, r
                 "grad_norm/mapper", "grad_norm/flow", "grad_norm/icl"):
         assert np.isfinite(r[key]), key
     assert min(r[f"grad_norm/{role}"] for role in ("attr_encoder", "mapper", "flow", "icl")) > 0
-    _, params, stats = checkpoints.read_trained(single_phase)
-    assert set(params) == {"attr_encoder", "mapper", "flow", "icl"} and set(stats) == {"attr_encoder"}
+    _, params = checkpoints.read_trained(single_phase)
+    assert set(params) == {"attr_encoder", "mapper", "flow", "icl"}
+    assert [r for r in params if "batch_stats" in params[r]] == ["attr_encoder"]
 
     images = tmp_path / "aligned"
     images.mkdir()
@@ -301,8 +293,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, faces
     with pytest.raises(train.NonFiniteLossError, match=r"at step 4; .*last good checkpoint is step 3"):
         train.train_and_evaluate(cfg, str(workdir))
     assert steps(workdir) == [1, 2, 3]
-    _, params, _ = checkpoints.read_trained(workdir)
-    _, want, _ = checkpoints.read_trained(run1[0])
+    _, params = checkpoints.read_trained(workdir)
+    _, want = checkpoints.read_trained(run1[0])
     assert_trees_equal(params, want)
 
 
@@ -328,8 +320,12 @@ def test_resume_after_sigkill_is_exact(tmp_path, faces, run1):
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout and "step 3/3" in resumed.stdout
+    # The parameter overview starts every run.
+    assert "parameters per role:" in resumed.stdout
+    assert any(line.split()[:1] == ["mapper"] and "trained" in line
+               for line in resumed.stdout.splitlines()), resumed.stdout
     got, want = raw_state(workdir, 3), raw_state(run1[0], 3)
-    for key in ("params", "batch_stats", "opt_state", "step", "rng"):
+    for key in ("params", "opt_state", "step", "rng"):
         assert_trees_equal(got[key], want[key])
 
 
@@ -338,7 +334,7 @@ import sys
 import jax
 from ifadit_jax import train
 from ifadit_jax.errors import InputError
-from tests.test_train import smoke
+from tests.helpers import smoke
 faces, p1_workdir, out = sys.argv[1:4]
 assert jax.local_device_count() == 2
 for phase, kw, msg in ((1, dict(total_steps=1), "does not split evenly"),
@@ -382,7 +378,7 @@ import numpy as np
 import optax
 from ifadit_jax import train
 from ifadit_jax.training import step as step_lib
-from tests.test_train import leaves, smoke
+from tests.helpers import leaves, smoke
 faces, p1_workdir, out = sys.argv[1:4]
 to64 = lambda tree: jax.tree.map(  # noqa: E731
     lambda a: a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a,
@@ -401,7 +397,7 @@ for phase, kw in ((1, {}), (2, dict(init_from=p1_workdir))):
         np.savez(f"{out}/p{phase}_{len(devices)}.npz",
                  **{"term " + k: v for k, v in step_lib.unreplicate(metrics).items()},
                  **{"grad " + k: v for k, v in leaves(mu).items()},
-                 **{"stats " + k: v for k, v in leaves(new.batch_stats).items()})
+                 **{"stats " + k: v for k, v in leaves(new.params).items() if "batch_stats" in k})
 """
 
 
@@ -412,7 +408,7 @@ def assert_same_step(terms1, terms2, grads1, grads2, tol):
         if key.startswith(("loss", "p1", "p2", "anon", "div", "deanon", "img")):
             assert terms2[key] == pytest.approx(terms1[key], rel=tol, abs=1e-6), key
     assert grads1.keys() == grads2.keys()
-    for role in networks.TRAINABLE_ROLES:
+    for role in roles.TRAINABLE_ROLES:
         keys = [k for k in grads1 if k.startswith(f"['{role}']")]
         if keys:
             scale = max(np.max(np.abs(grads1[k])) for k in keys)
@@ -439,13 +435,13 @@ def test_two_devices_match_one_device(tmp_path, faces, run1):
                    check=False,
                    env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for phase, roles, terms in ((1, ["['attr_encoder'", "['mapper'"], {"p1/vq", "p1/sem"}),
+    for phase, role_names, terms in ((1, ["['attr_encoder'", "['mapper'"], {"p1/vq", "p1/sem"}),
                                 (2, ["['flow'", "['icl'"], {"anon", "div", "deanon", "img"})):
         one, two = np.load(tmp_path / f"p{phase}_1.npz"), np.load(tmp_path / f"p{phase}_2.npz")
         part = lambda f, p: {k[len(p):]: f[k] for k in f.files if k.startswith(p)}  # noqa: E731
         grads1, grads2 = part(one, "grad "), part(two, "grad ")
         assert terms <= part(one, "term ").keys()
-        assert sorted({k.split("]")[0] for k in grads1}) == roles
+        assert sorted({k.split("]")[0] for k in grads1}) == role_names
         assert all(g.dtype == np.float64 for g in grads1.values())
         assert_same_step({k: float(v) for k, v in part(one, "term ").items()},
                          {k: float(v) for k, v in part(two, "term ").items()}, grads1, grads2, 1e-5)
@@ -493,7 +489,7 @@ def test_two_processes_match_two_devices(tmp_path, faces, two_devices):
             if key not in ("time", "steps_per_sec", "images_per_sec"):
                 assert got[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-7), key
     got, ref = raw_state(workdir, 2), raw_state(want, 2)
-    for key in ("params", "batch_stats", "opt_state", "step"):
+    for key in ("params", "opt_state", "step"):
         la, lb = leaves(got[key]), leaves(ref[key])
         assert la.keys() == lb.keys()
         for k in la:
@@ -506,7 +502,9 @@ def test_two_processes_match_two_devices(tmp_path, faces, two_devices):
 def test_no_recompilation_after_the_first_step(tmp_path, faces):
     run = train.setup(smoke(1, faces), str(tmp_path / "run"))
     for _ in range(3):  # the donated state comes back with the same shapes and types
-        run.state, metrics, _ = run.p_step(run.state, run.frozen, run.loss_nets, run.batch())
+        batch = run.batch()
+        with jax.transfer_guard("disallow"):  # nothing moves between host and device implicitly
+            run.state, metrics, _ = run.p_step(run.state, run.frozen, run.loss_nets, batch)
     assert np.isfinite(np.asarray(metrics["loss"])).all()
     odd = jax.tree.map(lambda a: a[:, :1], run.batch())  # a different per-device batch size
     with pytest.raises(AssertionError, match="traced > 1 times"):
@@ -518,26 +516,57 @@ def test_no_recompilation_after_the_first_step(tmp_path, faces):
 
 def test_cli_errors_are_one_line(tmp_path, faces):
     data = ["--config.data.path", str(faces)]
+    smoke1 = ["--phase", "1", "--config", "configs/phase1.py:smoke"]
     cases = [(["--phase", "2", "--config", "configs/phase1.py:smoke", *data],
               "error: --phase 2 but the config is for phase 1"),
-             (["--phase", "1", "--config", "configs/phase1.py:smoke", "--config.no_such_field", "1"],
-              "error: unknown config field 'no_such_field'"),
+             ([*smoke1, "--config.no_such_field", "1"],
+              "error: unknown config field --config.no_such_field\n"),
+             ([*smoke1, *data, "--config.lrr", "1"],
+              "error: unknown config field --config.lrr (did you mean --config.lr?)\n"),
+             ([*smoke1, "--config.data.pth=x"],
+              "error: unknown config field --config.data.pth (did you mean --config.data.path?)\n"),
              (["--phase", "2", "--config", "configs/phase2.py:smoke,bogus"],
               "error: flag --config=configs/phase2.py:smoke,bogus: Error whilst parsing config "
               "file: ValueError: unknown config argument(s) ['bogus']"),
-             (["--phase", "1", "--config", "configs/phase1.py:smoke", *data,
-               "--config.nets.widths", "huge"], "error: nets.widths must be one of"),
+             ([*smoke1, *data, "--config.nets.widths", "huge"], "error: nets.widths must be one of"),
              # absl reads `--config.data.shuffle False` as the flag (True) and a stray "False"
-             (["--phase", "1", "--config", "configs/phase1.py:smoke", *data,
-               "--config.data.shuffle", "False"],
+             ([*smoke1, *data, "--config.data.shuffle", "False"],
               "error: unexpected argument(s) ['False']; boolean fields are set as "
-              "--config.FIELD=False")]
+              "--config.FIELD=False"),
+             (smoke1, "error: no training data: set --config.data.path DIR"),
+             ([*smoke1, "--config.data.path", str(tmp_path / "nowhere")],
+              f"error: --config.data.path {tmp_path / 'nowhere'}: no such file or folder")]
     for args, message in cases:
         proc = run_cli("-m", "ifadit_jax.train", "--workdir", str(tmp_path / "w"), *args, check=False)
         assert proc.returncode == InputError.exit_code, proc.stderr
         assert proc.stderr.startswith(message) and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert not (tmp_path / "w" / "checkpoints").exists()
+        # checked before anything is created: no workdir is left behind
+        assert not (tmp_path / "w").exists(), args
+
+
+def test_cli_help_lists_phases_words_and_fields():
+    proc = run_cli("-m", "ifadit_jax.train", "--help")
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    out = proc.stdout
+    assert "--phase {1,2}" in out and "phase 1 trains E_Attr and M" in out
+    assert "configs/phase1.py: smoke" in out
+    assert "configs/phase2.py: smoke, no_div, no_img, no_icl, single_phase" in out
+    for field in ("--config.data.path", "--config.nets.dir", "--config.init_from",
+                  "--config.lr", "--config.total_steps", "--config.loss_nets.lpips"):
+        assert field in out, field
+
+
+@RUNS
+def test_reading_phase1_checkpoint_logs_no_warning(run1, caplog):
+    """Phase II reads phase I's checkpoint without orbax's 'Given directory is read only'
+    warning (and without writing to it)."""
+    before = sorted(p.name for p in (run1[0] / "checkpoints").rglob("*"))
+    with caplog.at_level(logging.WARNING):
+        step, tree = checkpoints.read_trained(run1[0])
+    assert step == 3 and set(tree) == {"attr_encoder", "mapper"}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+    assert sorted(p.name for p in (run1[0] / "checkpoints").rglob("*")) == before
 
 
 def test_networks_from_a_weights_folder(tmp_path):
@@ -552,8 +581,7 @@ def test_networks_from_a_weights_folder(tmp_path):
     cfg.nets.source, cfg.nets.dir = "files", folder
     built = networks.build(cfg)
     assert_trees_equal(built.nets.generator_vars, start.nets.generator_vars)
-    assert_trees_equal(networks.trainable_params(built.nets, ("flow",)),
-                       networks.trainable_params(start.nets, ("flow",)))
+    assert_trees_equal(roles.weights_of(built.nets, "flow"), roles.weights_of(start.nets, "flow"))
     assert built.roles["attr_encoder"][1]["units"] == [1, 1, 1, 1]
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -571,74 +599,71 @@ def test_networks_from_a_weights_folder(tmp_path):
 
 # ----------------------------------------------------------------------------- event files
 
-def event_class():
-    """tensorflow.Event / Summary as protobuf classes built here from the field numbers of
-    TensorFlow's event.proto and summary.proto, to read the writer's output independently."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(name="tb_event_test.proto", package="tbtest")
-
-    def add(msg, name, number, type_, type_name=None, repeated=False):
-        f = msg.field.add(name=name, number=number, type=type_,
-                          label=F.LABEL_REPEATED if repeated else F.LABEL_OPTIONAL)
-        if type_name:
-            f.type_name = type_name
-
-    summary = fdp.message_type.add(name="Summary")
-    image = summary.nested_type.add(name="Image")
-    add(image, "height", 1, F.TYPE_INT32)
-    add(image, "width", 2, F.TYPE_INT32)
-    add(image, "colorspace", 3, F.TYPE_INT32)
-    add(image, "encoded_image_string", 4, F.TYPE_BYTES)
-    value = summary.nested_type.add(name="Value")
-    add(value, "tag", 1, F.TYPE_STRING)
-    add(value, "simple_value", 2, F.TYPE_FLOAT)
-    add(value, "image", 4, F.TYPE_MESSAGE, ".tbtest.Summary.Image")
-    add(summary, "value", 1, F.TYPE_MESSAGE, ".tbtest.Summary.Value", repeated=True)
-    event = fdp.message_type.add(name="Event")
-    add(event, "wall_time", 1, F.TYPE_DOUBLE)
-    add(event, "step", 2, F.TYPE_INT64)
-    add(event, "file_version", 3, F.TYPE_STRING)
-    add(event, "summary", 5, F.TYPE_MESSAGE, ".tbtest.Summary")
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tbtest.Event"))
-
-
 def read_events(logdir):
+    """Every event of the one event file in `logdir`, parsed record by record (TFRecord framing:
+    length, masked CRC32C of it, payload, masked CRC32C of the payload) with tensorboardX's
+    compiled `Event` protocol buffer; the CRCs are checked with Python's own CRC-32C below."""
+    from tensorboardX.proto import event_pb2
+
     (name,) = os.listdir(logdir)
-    data = open(os.path.join(logdir, name), "rb").read()
     assert name.startswith("events.out.tfevents.")
-    Event, out, pos = event_class(), [], 0
+    data = open(os.path.join(logdir, name), "rb").read()
+    out, pos = [], 0
     while pos < len(data):
         header = data[pos:pos + 8]
         (n,) = struct.unpack("<Q", header)
-        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == writers.masked_crc32c(header)
+        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked_crc32c(header)
         payload = data[pos + 12:pos + 12 + n]
-        assert struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == writers.masked_crc32c(payload)
-        out.append(Event.FromString(payload))
+        assert struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == masked_crc32c(payload)
+        out.append(event_pb2.Event.FromString(payload))
         pos += 16 + n
+    assert out[0].file_version == "brain.Event:2"
     return out
 
 
-def test_crc32c_known_values():
-    # RFC 3720 appendix B.4 test vectors, and the check value of CRC-32C.
-    assert writers.crc32c(bytes(32)) == 0x8A9136AA
-    assert writers.crc32c(b"\xff" * 32) == 0x62A8AB43
-    assert writers.crc32c(bytes(range(32))) == 0x46DD794E
-    assert writers.crc32c(b"123456789") == 0xE3069283
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def test_event_writer_round_trip(tmp_path):
+def assert_labelled(grid, n_columns):
+    """Each column's label strip holds dark text, and no two labels are drawn alike."""
+    strip = grid[:writers.LABEL_HEIGHT]
+    width = grid.shape[1] // n_columns
+    cells = [strip[:, j * width:(j + 1) * width] for j in range(n_columns)]
+    assert all((cell < 128).any() for cell in cells)
+    assert len({cell.tobytes() for cell in cells}) == n_columns
+
+
+def test_crc32c_known_value():
+    # The check value of CRC-32C ("123456789" -> 0xE3069283), unmasked: the reader's CRC is right.
+    crc = masked_crc32c(b"123456789")
+    unmasked = ((crc - 0xA282EAD8) & 0xFFFFFFFF)
+    assert ((unmasked << 15) | (unmasked >> 17)) & 0xFFFFFFFF == 0xE3069283
+
+
+def test_event_writer_round_trip_without_tensorflow(tmp_path):
     w = writers.EventWriter(str(tmp_path))
     w.scalars(7, {"loss": 1.5, "grad_norm": -2.25})
     w.scalars(2**40, {"x": 3.0})
-    w.image(8, "grid", b"\x89PNG fake", 3, 4)
+    image = np.zeros((3, 4, 3), np.uint8)
+    image[1, 2] = (255, 0, 7)
+    w.image(8, "grid", image)
     w.close()
+    assert "tensorflow" not in sys.modules
     events = read_events(tmp_path)
-    assert [e.step for e in events] == [0, 7, 2**40, 8]
-    assert {v.tag: v.simple_value for v in events[1].summary.value} == {"loss": 1.5, "grad_norm": -2.25}
-    img = events[3].summary.value[0].image
-    assert (img.height, img.width, img.colorspace, img.encoded_image_string) == (3, 4, 3, b"\x89PNG fake")
-    assert abs(events[1].wall_time - time.time()) < 60
+    scalars = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value
+               if not v.HasField("image")}
+    assert scalars == {(7, "loss"): 1.5, (7, "grad_norm"): -2.25, (2**40, "x"): 3.0}
+    (img,) = [(e.step, v) for e in events for v in e.summary.value if v.HasField("image")]
+    assert img[0] == 8 and img[1].tag == "grid"
+    assert (img[1].image.height, img[1].image.width) == (3, 4)
+    decoded = np.asarray(Image.open(io.BytesIO(img[1].image.encoded_image_string)).convert("RGB"))
+    np.testing.assert_array_equal(decoded, image)
+    assert all(abs(e.wall_time - time.time()) < 60 for e in events)

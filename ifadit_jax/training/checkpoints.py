@@ -1,8 +1,9 @@
 """Checkpoints of the whole training state with orbax, plus the data iterator's position.
 
 One checkpoint = WORKDIR/checkpoints/<step>/ with two items:
-  state  the `TrainState` (params, batch_stats, optimizer state, step, rng, nonfinite_step) as
-         numpy arrays (one host copy; the replicas are identical);
+  state  the `TrainState` (params: {role: {collection: ...}} of the roles that train, BatchNorm
+         statistics included; optimizer state, step, rng, nonfinite_step) as numpy arrays (one
+         host copy; the replicas are identical);
   data   the grain iterator state (`grain.checkpoint.CheckpointSave`, one JSON per process),
          taken after the step's batch was drawn, so a restored iterator yields the next batch.
 Saving is asynchronous (orbax writes in the background while training goes on) and atomic (a
@@ -55,13 +56,19 @@ class Checkpoints:
         self.manager.close()
 
 
-def read_trained(workdir: str) -> tuple[int, dict, dict]:
-    """(step, params {role: ...}, batch_stats) of the latest checkpoint of another run's workdir
-    (phase II's `init_from`)."""
+def _manager(directory: str) -> ocp.CheckpointManager:
+    """A manager for reading `directory`, which must exist. Not `read_only`: orbax logs a
+    warning for every read-only manager, and reading writes nothing anyway."""
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+
+
+def read_trained(workdir: str) -> tuple[int, dict]:
+    """(step, {role: {collection: ...}}) of the roles trained in the latest checkpoint of another
+    run's workdir (phase II's `init_from`)."""
     directory = os.path.join(os.path.abspath(workdir), SUBDIR)
     if not os.path.isdir(directory):
         raise InputError(f"init_from: {workdir} has no checkpoints (expected {directory})")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = _manager(directory)
     try:
         step = manager.latest_step()
         if step is None:
@@ -69,5 +76,4 @@ def read_trained(workdir: str) -> tuple[int, dict, dict]:
         state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     finally:
         manager.close()
-    as_np = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
-    return step, as_np(state["params"]), as_np(state.get("batch_stats") or {})
+    return step, jax.tree.map(np.asarray, state["params"])

@@ -15,9 +15,9 @@ Phase II passes, with keys k1, k2 for every example:
   it is part of X_anon in Eq. 9). Gradients flow end to end: through X_anon into the recovery
   passes, through the frozen networks into T and C.
 
-Keys. Training keys are random: k = f(u) with StyleGAN2's mapping f (`keys.key_from_vector`,
-here `pipeline.key_from_vector`). For the paper's key path (conventions.key_path "kdf") u is
-Norm(b) = b / 127.5 - 1 of 512 uniformly random bytes b, which is exactly the distribution of
+Keys. Training keys are random: k = f(u) with StyleGAN2's mapping f (`keys.key_from_vector`
+with `pipeline.mapping`). For the paper's key path (conventions.key_path "kdf") u is
+Norm(b) = b / 127.5 - 1 (`keys.norm`) of 512 uniformly random bytes b, which is exactly the distribution of
 Norm(KDF(s)) for random secrets s (Argon2id output is indistinguishable from random bytes; the
 memory-hard KDF itself has no place in a training loop). For the official key path ("vector")
 u ~ U[0.5, 1)^512 as the official code draws it. Each example's (u1, u2) comes from
@@ -39,9 +39,10 @@ from ifadit_jax import losses, pipeline
 from ifadit_jax.errors import InputError
 
 
-# Sample grid columns, in this order where present: X, X~ (phase I), X_anon, X_anon under the
-# second key, X_rec, X_wrong.
-SAMPLE_COLUMNS = ("x", "x_tilde", "anon", "anon2", "rec", "wrong")
+# Sample grid columns, in this order where present, with the label drawn above each: X, X~
+# (phase I), X_anon, X_anon under the second key, X_rec, X_wrong.
+SAMPLE_COLUMNS = {"x": "input", "x_tilde": "reconstructed", "anon": "anonymized",
+                  "anon2": "anonymized (key 2)", "rec": "recovered", "wrong": "wrong key"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +87,7 @@ def random_key_vectors(rng, n: int, key_path: str, dim: int = 512) -> jax.Array:
     """n random key seeds u [n, dim] for the key path "kdf" (Norm of random bytes) or "vector"
     (the official U[0.5, 1))."""
     if key_path == "kdf":
-        b = jax.random.randint(rng, (n, dim), 0, 256)
-        return b.astype(jnp.float32) / 127.5 - 1.0  # keys.normalize_bytes, on device
+        return keys_lib.norm(jax.random.randint(rng, (n, dim), 0, 256).astype(jnp.float32))
     return keys_lib.official_key_seed(rng, n, dim)
 
 
@@ -98,7 +98,8 @@ def draw_keys(nets: pipeline.Nets, rng, first_example, n: int, group: int, dtype
     groups = (first_example + jnp.arange(n)) // group
     u = jax.vmap(lambda j: random_key_vectors(jax.random.fold_in(rng, j), 2,
                                               nets.conventions.key_path))(groups)  # [n, 2, 512]
-    k = pipeline.key_from_vector(nets, u.reshape(2 * n, -1).astype(dtype)).reshape(n, 2, -1)
+    k = keys_lib.key_from_vector(u.reshape(2 * n, -1).astype(dtype), pipeline.mapping(nets))
+    k = k.reshape(n, 2, -1)
     k = jax.lax.stop_gradient(k)
     return k[:, 0], k[:, 1]
 
@@ -107,84 +108,108 @@ def compute(obj: Objective, nets: pipeline.Nets, loss_nets: losses.LossNets, x, 
             first_example):
     """One device's objective on its images x [b, 256, 256, 3] in [0, 1].
 
-    Returns (loss, terms {name: scalar}, updated E_Attr batch_stats or None, samples
+    Returns (loss, terms {name: scalar}, the collections the forward pass updated
+    {role: {collection: ...}} (E_Attr's BatchNorm statistics while it trains, else {}), samples
     {name: images [b, 256, 256, 3]} for the sample grids).
     """
     w = obj.weights
-    terms, samples = {}, {"x": x}
-    new_stats = None
+    terms, samples, updated = {}, {"x": x}, {}
     loss = jnp.zeros((), jnp.float32)
-    lm_x = None
-
+    lm_x = (losses.landmarks(loss_nets.landmark_module, loss_nets.landmark_vars, x)
+            if w.p1 or w.img else None)
     if w.p1:
-        z = pipeline.identity(nets, x)
-        if obj.train_attr_bn:
-            attr, new_stats = pipeline.attributes_train(nets, x, obj.axis_name)
-        else:
-            attr = pipeline.attributes(nets, x)
-        x_tilde, _ = pipeline.render(nets, z, attr)
-        lm_x = losses.landmarks(loss_nets.landmark_module, loss_nets.landmark_vars, x)
-        lm_tilde = losses.landmarks(loss_nets.landmark_module, loss_nets.landmark_vars, x_tilde)
-        vq = losses.vq_loss(x_tilde, x)
-        sem = losses.semantic_loss(pipeline.identity(nets, x_tilde), z, lm_tilde, lm_x)
-        p1 = losses.phase1_loss(vq, sem)
-        terms.update({"p1/vq": vq, "p1/sem": sem, "p1": p1})
-        samples["x_tilde"] = x_tilde
-        loss = loss + w.p1 * p1
-
+        p1_terms, updated, samples["x_tilde"] = phase1_terms(obj, nets, loss_nets, x, lm_x)
+        terms.update(p1_terms)
+        loss = loss + w.p1 * p1_terms["p1"]
     if w.phase2:
-        b = x.shape[0]
-        k1, k2 = draw_keys(nets, rng, first_example, b, obj.key_group, x.dtype)
-        # Passes that share networks run as one batch: one network instance in the compiled
-        # step (much faster to compile) and larger batches on accelerators.
-        if w.div:  # X_anon under k1 and, for L_Div, under k2
-            anon_all, anon_out = pipeline.anonymize(nets, jnp.concatenate([x, x]),
-                                                    jnp.concatenate([k1, k2]), obj.refine)
-            x_anon, x_anon2 = anon_all[:b], anon_all[b:]
-        else:
-            x_anon, anon_out = pipeline.anonymize(nets, x, k1, obj.refine)
-        id_x = anon_out["z"][:b]
-        # X_rec (right key) and X_wrong (wrong key) from the same X_anon.
-        rec_all, rec_out = pipeline.recover(nets, jnp.concatenate([x_anon, x_anon]),
-                                            jnp.concatenate([k1, k2]), obj.refine)
-        x_rec, x_wrong = rec_all[:b], rec_all[b:]
-        id_anon = rec_out["z"][:b]  # E_ID(X_anon), computed by the recovery pass
-        samples.update(anon=x_anon, rec=x_rec, wrong=x_wrong)
-        if w.div or w.deanon:
-            ids = pipeline.identity(nets, jnp.concatenate([x_rec, x_wrong, x_anon2] if w.div
-                                                          else [x_rec, x_wrong]))
-        if w.anon:
-            terms["anon"] = losses.anonymity_loss(id_anon, id_x)
-            loss = loss + w.anon * terms["anon"]
-        if w.div:
-            id_anon2 = ids[2 * b:]
-            terms["div/pairs"] = jnp.mean(losses.diversity_pairs(id_anon))
-            terms["div/keys"] = jnp.mean(losses.theta_plus(id_anon, id_anon2))
-            terms["div"] = losses.diversity_loss(id_anon, id_anon2)
-            samples["anon2"] = x_anon2
-            loss = loss + w.div * terms["div"]
-        if w.deanon:
-            terms["deanon"] = losses.deanonymization_loss(ids[:b], ids[b:2 * b], id_x)
-            loss = loss + w.deanon * terms["deanon"]
+        images = phase2_passes(obj, nets, x, rng, first_example)
+        samples.update({k: images[k] for k in ("anon", "anon2", "rec", "wrong") if k in images})
+        p2_terms = identity_terms(w, nets, images)
         if w.img:
-            names = ("rec", "anon", "wrong")
-            if lm_x is None:
-                lm_x = losses.landmarks(loss_nets.landmark_module, loss_nets.landmark_vars, x)
-            parse_x = losses.parser_logits(nets.parser_module, nets.parser_vars, x)
-            tile = lambda a: jnp.concatenate([a] * len(names))  # noqa: E731
-            dist = losses.image_distances(loss_nets, nets.parser_module, nets.parser_vars,
-                                          jnp.concatenate([x_rec, x_anon, x_wrong]), tile(x),
-                                          tile(lm_x), tile(parse_x))
-            img = jnp.zeros((), jnp.float32)
-            for i, name in enumerate(names):
-                t = {k: jnp.mean(v[i * b:(i + 1) * b]) for k, v in dist.items()}
-                one = losses.image_loss(t, losses.IMG_LAMBDAS[name])
-                terms.update({f"img/{name}/{k}": v for k, v in t.items()})
-                terms[f"img/{name}"] = one
-                img = img + one
-            terms["img"] = img
-            loss = loss + w.img * img
+            p2_terms.update(image_terms(nets, loss_nets, images, lm_x))
+        for name in ("anon", "div", "deanon", "img"):
+            if name in p2_terms:
+                loss = loss + getattr(w, name) * p2_terms[name]
+        terms.update(p2_terms)
         terms["p2"] = losses.phase2_loss(*(terms.get(k, jnp.zeros((), jnp.float32))
                                            for k in ("anon", "div", "deanon", "img")))
     terms["loss"] = loss
-    return loss, terms, new_stats, samples
+    return loss, terms, updated, samples
+
+
+def phase1_terms(obj: Objective, nets: pipeline.Nets, loss_nets: losses.LossNets, x, lm_x):
+    """L_P1 on X~ = G(M([E_ID(X), E_Attr(X)])) (no refinement) -> (terms, updated collections,
+    X~)."""
+    z = pipeline.identity(nets, x)
+    updated = {}
+    if obj.train_attr_bn:
+        attr, stats = pipeline.attributes_train(nets, x, obj.axis_name)
+        updated = {"attr_encoder": {"batch_stats": stats}}
+    else:
+        attr = pipeline.attributes(nets, x)
+    x_tilde, _ = pipeline.render(nets, z, attr)
+    lm_tilde = losses.landmarks(loss_nets.landmark_module, loss_nets.landmark_vars, x_tilde)
+    vq = losses.vq_loss(x_tilde, x)
+    sem = losses.semantic_loss(pipeline.identity(nets, x_tilde), z, lm_tilde, lm_x)
+    return {"p1/vq": vq, "p1/sem": sem, "p1": losses.phase1_loss(vq, sem)}, updated, x_tilde
+
+
+def phase2_passes(obj: Objective, nets: pipeline.Nets, x, rng, first_example) -> dict:
+    """The phase II images and identities: X, X_anon (k1), X_anon2 (k2, with L_Div), X_rec (k1),
+    X_wrong (k2) and E_ID of X ("id_x"), X_anon ("id_anon"), and of X_rec, X_wrong, X_anon2
+    ("id_rec", "id_wrong", "id_anon2") where a loss reads them."""
+    w, b = obj.weights, x.shape[0]
+    k1, k2 = draw_keys(nets, rng, first_example, b, obj.key_group, x.dtype)
+    # Passes that share networks run as one batch: one network instance in the compiled step
+    # (much faster to compile) and larger batches on accelerators.
+    if w.div:  # X_anon under k1 and, for L_Div, under k2
+        anon_all, anon_out = pipeline.anonymize(nets, jnp.concatenate([x, x]),
+                                                jnp.concatenate([k1, k2]), obj.refine)
+    else:
+        anon_all, anon_out = pipeline.anonymize(nets, x, k1, obj.refine)
+    out = {"x": x, "anon": anon_all[:b], "id_x": anon_out["z"][:b]}
+    if w.div:
+        out["anon2"] = anon_all[b:]
+    # X_rec (right key) and X_wrong (wrong key) from the same X_anon.
+    rec_all, rec_out = pipeline.recover(nets, jnp.concatenate([out["anon"], out["anon"]]),
+                                        jnp.concatenate([k1, k2]), obj.refine)
+    out.update(rec=rec_all[:b], wrong=rec_all[b:], id_anon=rec_out["z"][:b])
+    if w.div or w.deanon:
+        names = ("rec", "wrong", "anon2") if w.div else ("rec", "wrong")
+        ids = pipeline.identity(nets, jnp.concatenate([out[n] for n in names]))
+        out.update({f"id_{n}": ids[i * b:(i + 1) * b] for i, n in enumerate(names)})
+    return out
+
+
+def identity_terms(w: LossWeights, nets: pipeline.Nets, p: dict) -> dict:
+    """L_Anon, L_Div (with its two parts) and L_DeAnon where their weights are non-zero."""
+    terms = {}
+    if w.anon:
+        terms["anon"] = losses.anonymity_loss(p["id_anon"], p["id_x"])
+    if w.div:
+        terms["div/pairs"] = jnp.mean(losses.diversity_pairs(p["id_anon"]))
+        terms["div/keys"] = jnp.mean(losses.theta_plus(p["id_anon"], p["id_anon2"]))
+        terms["div"] = losses.diversity_loss(p["id_anon"], p["id_anon2"])
+    if w.deanon:
+        terms["deanon"] = losses.deanonymization_loss(p["id_rec"], p["id_wrong"], p["id_x"])
+    return terms
+
+
+def image_terms(nets: pipeline.Nets, loss_nets: losses.LossNets, p: dict, lm_x) -> dict:
+    """L_Img over X_rec, X_anon and X_wrong (one batched pass), each with its lambdas."""
+    names, x, b = ("rec", "anon", "wrong"), p["x"], p["x"].shape[0]
+    parse_x = losses.parser_logits(nets.parser_module, nets.parser_vars, x)
+    n = len(names)
+    dist = losses.image_distances(loss_nets, nets.parser_module, nets.parser_vars,
+                                  jnp.concatenate([p[k] for k in names]),
+                                  jnp.concatenate([x] * n), jnp.concatenate([lm_x] * n),
+                                  jnp.concatenate([parse_x] * n))
+    terms, img = {}, jnp.zeros((), jnp.float32)
+    for i, name in enumerate(names):
+        t = {k: jnp.mean(v[i * b:(i + 1) * b]) for k, v in dist.items()}
+        one = losses.image_loss(t, losses.IMG_LAMBDAS[name])
+        terms.update({f"img/{name}/{k}": v for k, v in t.items()})
+        terms[f"img/{name}"] = one
+        img = img + one
+    terms["img"] = img
+    return terms
