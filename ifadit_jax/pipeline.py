@@ -335,8 +335,8 @@ def random_pipeline(seed: int = 0, conventions: Conventions = OFFICIAL,
     from ifadit_jax.nets import arcface, bisenet, mappers, psp, stylegan2
 
     builders = {"id_encoder": arcface.module_from_config, "attr_encoder": psp.module_from_config,
-                "mapper": lambda c: mappers._build(mappers.LatentMapper, c)[0],
-                "icl": lambda c: mappers._build(mappers.ICL, c)[0],
+                "mapper": lambda c: mappers.build(mappers.LatentMapper, c)[0],
+                "icl": lambda c: mappers.build(mappers.ICL, c)[0],
                 "parser": bisenet.module_from_config}
     rngs = dict(zip(ROLES, jax.random.split(jax.random.key(seed), len(ROLES))))
     loaded = {}

@@ -104,7 +104,7 @@ def _fresh(role: str, conventions: pipeline.Conventions, rng, loaded: dict):
         config["input_range"] = list(conventions.attr_input_range)
         module = psp.module_from_config(config)
     else:
-        module = mappers._build(mappers.LatentMapper if role == "mapper" else mappers.ICL, config)[0]
+        module = mappers.build(mappers.LatentMapper if role == "mapper" else mappers.ICL, config)[0]
     variables = jax.jit(module.init)(rng, jnp.zeros(_INIT_INPUTS[role], jnp.float32))
     variables = jax.tree.map(np.asarray, variables)
     if role == "attr_encoder":
