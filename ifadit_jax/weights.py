@@ -4,6 +4,10 @@ Layout: tensor names are `collection/path/to/leaf` (e.g. `params/mapping/fc0/ker
 `consts/synthesis/b8/conv0/noise_const`); the safetensors metadata holds
 `format`, `kind`, `config` (JSON), `source_file`, `source_sha256` and `converter_version`.
 `ifadit_jax.load(path)` dispatches on `kind` to the network's own loader.
+
+Files are untrusted: `read` validates the file, its header's bounds, the kind, the config schema
+(`ifadit_jax.nets.base.NetConfig`) and every tensor's name, shape, dtype and finiteness against
+`jax.eval_shape` of the network, and raises one WeightsError line otherwise (README "Weights").
 """
 
 from __future__ import annotations
@@ -258,7 +262,7 @@ def validate(variables: Mapping[str, Any], meta: Meta, what: str | None = None) 
     what = what or meta.path or meta.source_file or f"{meta.kind} weights"
     cls = network_class(meta.kind)
     config = base.parse_config(cls.CONFIG, meta.config, what)
-    base.check_variables(config.variable_shapes(), variables, what, config.optional_variables())
+    base.check_against_config(config, variables, what)
 
 
 def loader(kind: str) -> Callable[[dict, Meta], Any]:

@@ -128,6 +128,7 @@ class ArcFaceConfig(base.NetConfig):
     """What `ports/convert_arcface.py` infers (see `ArcFace` for the fields)."""
 
     KIND: ClassVar[str] = "arcface"
+    OPTIONAL: ClassVar[frozenset] = frozenset({"in_channels"})  # older configs lack it
     SCHEMA: ClassVar[dict] = {
         "widths": base.List(base.Int(), 4, 4), "units": base.List(base.Int(1, base.MAX_DEPTH), 4, 4),
         "se": base.Bool(), "emb_dim": base.Int(), "input_size": base.Choice((112, 224)),

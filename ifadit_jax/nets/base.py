@@ -171,11 +171,14 @@ class NetConfig(collections.abc.Mapping):
 
     KIND: ClassVar[str] = ""
     SCHEMA: ClassVar[Mapping[str, Any]] = {}
+    # Keys that files of older converters may lack; they take the field's default. Every other
+    # key must be present: a missing one must not silently change what the network computes.
+    OPTIONAL: ClassVar[frozenset] = frozenset()
 
     @classmethod
     def from_json(cls, d: Any):
         defaults = {f.name: f.default for f in dataclasses.fields(cls)
-                    if f.default is not dataclasses.MISSING}
+                    if f.default is not dataclasses.MISSING and f.name in cls.OPTIONAL}
         config = cls(**_parse_fields(cls.SCHEMA, d, "", defaults))
         config.check()
         return config
@@ -212,7 +215,12 @@ class NetConfig(collections.abc.Mapping):
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, json.dumps(self.to_json(), sort_keys=True)))
+        # Cached: a config is static data of jitted functions, hashed on every call.
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((type(self).__name__, json.dumps(self.to_json(), sort_keys=True)))
+            object.__setattr__(self, "_hash", h)
+        return h
 
     # Read-only mapping over the JSON form, for code written against config dicts.
     def __getitem__(self, key: str) -> Any:
@@ -233,6 +241,19 @@ def _variable_shapes(config: NetConfig) -> dict:
     inputs = [jnp.zeros(s.shape, s.dtype) if isinstance(s, jax.ShapeDtypeStruct) else s
               for s in config.init_inputs()]
     return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
+
+
+def check_against_config(config: NetConfig, variables: Mapping[str, Any], what: str) -> None:
+    """`check_variables` of `variables` against what `config` builds (WeightsError naming `what`)."""
+    try:
+        expected = config.variable_shapes()
+    except WeightsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to build is the file's config at fault
+        detail = str(e).splitlines()[0][:120] if str(e) else ""
+        raise WeightsError(f"{what}: the config does not build a network of kind {config.KIND!r} "
+                           f"({type(e).__name__}{': ' + detail if detail else ''})") from None
+    check_variables(expected, variables, what, config.optional_variables())
 
 
 def spec(*shape: int, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
@@ -311,8 +332,7 @@ class Loaded:
         self.config = parse_config(self.CONFIG, config, what)
         self.meta = meta
         self.module = self.config.module()
-        check_variables(self.config.variable_shapes(), variables, what,
-                        self.config.optional_variables())
+        check_against_config(self.config, variables, what)
         self.variables = jax.tree.map(jnp.asarray, dict(variables))
         self._jitted: dict[tuple, Callable] = {}
 

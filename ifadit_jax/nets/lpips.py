@@ -142,6 +142,7 @@ class LPIPSConfig(base.NetConfig):
     """What `ports/convert_lpips.py` writes (see `LPIPS` for the fields)."""
 
     KIND: ClassVar[str] = "lpips"
+    OPTIONAL: ClassVar[frozenset] = frozenset({"version"})
     SCHEMA: ClassVar[dict] = {"net": base.Choice(tuple(STAGES)), "widths": base.List(base.Int()),
                               "version": base.Choice(VERSIONS)}
 

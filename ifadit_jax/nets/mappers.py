@@ -78,6 +78,7 @@ def latent_mapper_input(z, attr):
 class MLPConfig(base.NetConfig):
     """What `ports/convert_ifadit.py mapper|icl` infers: input width, layer widths, slope."""
 
+    OPTIONAL: ClassVar[frozenset] = frozenset({"negative_slope"})
     SCHEMA: ClassVar[dict] = {"in_features": base.Int(1, 2 * base.MAX_WIDTH),
                               "features": base.List(base.Int(), 1, 16),
                               "negative_slope": base.Float(0.0, 1.0)}

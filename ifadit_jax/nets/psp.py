@@ -140,6 +140,7 @@ class PSPEncoderConfig(base.NetConfig):
     `start_from_latent_avg`: `wplus` adds the file's latent_avg (pSp's opts)."""
 
     KIND: ClassVar[str] = "psp_encoder"
+    OPTIONAL: ClassVar[frozenset] = frozenset({"units", "start_from_latent_avg"})
     SCHEMA: ClassVar[dict] = {
         "in_channels": base.Int(1, 16), "widths": base.List(base.Int(), 4, 4),
         "units": base.List(base.Int(1, base.MAX_DEPTH), 4, 4), "se": base.Bool(),

@@ -52,6 +52,7 @@ class Config(base.NetConfig):
     """Everything the converter infers from a checkpoint (widths are never hard-coded)."""
 
     KIND: ClassVar[str] = "stylegan2"
+    OPTIONAL: ClassVar[frozenset] = frozenset({"flavor", "conv_clamp", "img_channels"})
     SCHEMA: ClassVar[dict] = {
         "resolution": base.Choice(_RESOLUTIONS), "z_dim": base.Int(), "w_dim": base.Int(),
         "n_mapping": base.Int(1, base.MAX_DEPTH), "lr_mul": base.Float(1e-6, 1e3),
