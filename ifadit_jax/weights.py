@@ -31,6 +31,7 @@ FORMAT = "ifadit-jax/1"
 # 1024 px) needs about 60 KB; the nesting of a valid header is 3 (header, tensor, shape).
 MAX_HEADER_BYTES = 8 << 20
 MAX_HEADER_DEPTH = 3
+MAX_CONFIG_DEPTH = 4  # config and extra JSON (Inception's widths: object, object, list)
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _OPEN = np.frombuffer(b"{[", np.uint8)
 _CLOSE = np.frombuffer(b"}]", np.uint8)
@@ -175,10 +176,7 @@ def _parse_header(raw: bytes, path: str) -> dict:
     except UnicodeDecodeError:
         raise WeightsError(f"{path}: not a converted ifadit-jax weights file (header is not "
                            "UTF-8)") from None
-    # The depth is checked before parsing: no deep nesting reaches the JSON decoder.
-    skeleton = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8"), np.uint8)
-    opens = np.isin(skeleton, _OPEN).astype(np.int64) - np.isin(skeleton, _CLOSE)
-    if skeleton.size and int(np.max(np.cumsum(opens))) > MAX_HEADER_DEPTH:
+    if _json_depth(text) > MAX_HEADER_DEPTH:
         raise WeightsError(f"{path}: safetensors header nests deeper than {MAX_HEADER_DEPTH} levels")
     try:
         header = json.loads(text)
@@ -189,6 +187,16 @@ def _parse_header(raw: bytes, path: str) -> dict:
         raise WeightsError(f"{path}: not a converted ifadit-jax weights file (header is not a "
                            "JSON object)")
     return header
+
+
+def _json_depth(text: str) -> int:
+    """How deep brackets nest in JSON `text`, found without parsing it: no deep nesting ever
+    reaches the (recursive) JSON decoder."""
+    skeleton = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8"), np.uint8)
+    if not skeleton.size:
+        return 0
+    opens = np.isin(skeleton, _OPEN).astype(np.int64) - np.isin(skeleton, _CLOSE)
+    return int(np.max(np.cumsum(opens)))
 
 
 def _meta(path: str, metadata: Mapping[str, str]) -> Meta:
@@ -202,7 +210,10 @@ def _meta(path: str, metadata: Mapping[str, str]) -> Meta:
     fields = {}
     for name, default in (("config", None), ("extra", "{}")):
         try:
-            fields[name] = json.loads(metadata.get(name, default) if default else metadata[name])
+            text = metadata.get(name, default) if default else metadata[name]
+            if _json_depth(text) > MAX_CONFIG_DEPTH:
+                raise WeightsError(f"{path}: metadata '{name}' nests deeper than {MAX_CONFIG_DEPTH} levels")
+            fields[name] = json.loads(text)
         except (KeyError, ValueError):
             raise WeightsError(f"{path}: metadata '{name}' is missing or not JSON") from None
         if not isinstance(fields[name], dict):

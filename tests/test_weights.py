@@ -209,6 +209,15 @@ def test_header_nesting_and_non_json_are_refused(tmp_path):
         refused(str(path), "nests deeper|header is not")
 
 
+def test_deep_config_json_is_refused_before_parsing(tmp_path):
+    deep = "[" * 100000 + "]" * 100000
+    for name in ("config", "extra"):
+        meta = metadata("icl", CONFIGS["icl"])
+        meta[name] = deep
+        path = write(tmp_path / f"{name}.safetensors", valid_variables("icl"), meta)
+        refused(path, f"metadata '{name}' nests deeper")
+
+
 def test_metadata_must_be_strings_and_the_format_ours(tmp_path):
     header = json.dumps({"__metadata__": {"format": weights.FORMAT, "kind": 3}}).encode()
     path = tmp_path / "meta.safetensors"
@@ -277,3 +286,36 @@ def test_config_limits_hold_for_direct_construction_of_known_values():
             {**CONFIGS["stylegan2"], "channels": [[4, 8], [16, 8]]})
     with pytest.raises(WeightsError, match="true or false"):
         weights.network_class("arcface").CONFIG.from_json({**CONFIGS["arcface"], "se": 1})
+
+
+@pytest.mark.parametrize("kind", ["icl", "sif", "stylegan2"])
+def test_mutated_files_read_or_fail_with_weights_error(kind, tmp_path):
+    """Seeded byte flips, overwritten runs and truncations of a valid file: each one either
+    reads (to tensors that passed every check) or is one WeightsError; nothing else escapes."""
+    good = write(tmp_path / "good.safetensors", valid_variables(kind), metadata(kind, CONFIGS[kind]))
+    data = bytearray(open(good, "rb").read())
+    header_end = 8 + struct.unpack("<Q", bytes(data[:8]))[0]
+    gen = np.random.default_rng(12)
+    path = tmp_path / "mutant.safetensors"
+    outcomes = {"read": 0, "refused": 0}
+    for i in range(150):
+        mutant = bytearray(data)
+        if i % 5 == 4:
+            mutant = mutant[:int(gen.integers(0, len(mutant)))]
+        else:
+            # Mostly inside the header (where parsing happens), sometimes in the tensor data.
+            lo, hi = (0, header_end) if gen.random() < 0.8 else (header_end, len(mutant))
+            for _ in range(int(gen.integers(1, 4))):
+                at = int(gen.integers(lo, hi))
+                mutant[at] = int(gen.integers(0, 256))
+        path.write_bytes(bytes(mutant))
+        try:
+            variables, _ = weights.read(path, kind=kind)
+        except WeightsError as e:
+            assert "\n" not in str(e)
+            outcomes["refused"] += 1
+        else:
+            assert all(np.all(np.isfinite(v)) for v in weights.flatten(variables).values()
+                       if v.dtype == np.float32)
+            outcomes["read"] += 1
+    assert outcomes["refused"] > 50, outcomes
