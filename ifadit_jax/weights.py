@@ -144,7 +144,8 @@ def _header_metadata(path: str) -> dict[str, str]:
     if not stat.S_ISREG(info.st_mode):
         raise WeightsError(f"{path}: not a regular file")
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: should the path have become a FIFO since the stat, open does not block.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise WeightsError(f"{path}: not a regular file")
             head = f.read(8)
@@ -165,7 +166,7 @@ def _header_metadata(path: str) -> dict[str, str]:
             continue
         dtype = entry.get("dtype") if isinstance(entry, dict) else None
         if dtype not in ("F32", "I32"):
-            raise WeightsError(f"{path}: tensor {name} has dtype {dtype!r}; converted weights are "
+            raise WeightsError(f"{path}: tensor {_printable(name)} has dtype {_printable(str(dtype))}; converted weights are "
                                "float32 (F32), permutations int32 (I32)")
     return metadata
 
@@ -206,7 +207,7 @@ def _meta(path: str, metadata: Mapping[str, str]) -> Meta:
     if kind is None:
         raise WeightsError(f"{path}: no 'kind' in the metadata (which network is this?)")
     if kind not in _LOADERS:
-        raise WeightsError(f"{path}: unknown network kind {_printable(kind)}")
+        raise WeightsError(f"{path}: unknown network kind {kind[:60]!r}")
     fields = {}
     for name, default in (("config", None), ("extra", "{}")):
         try:
@@ -243,16 +244,16 @@ def _unflatten_checked(flat: Mapping[str, np.ndarray], path: str) -> dict[str, A
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise WeightsError(f"{path}: tensor {key} is inside tensor {p}")
+                raise WeightsError(f"{path}: tensor {_printable(key)} is inside another tensor")
         if leaf in node:
-            raise WeightsError(f"{path}: tensor {key} is also a group of tensors")
+            raise WeightsError(f"{path}: tensor {_printable(key)} is also a group of tensors")
         node[leaf] = value
     return tree
 
 
 def _printable(text: str) -> str:
-    """`text` quoted, with control characters escaped (names from files reach the terminal)."""
-    return repr(text[:60])
+    """`text` as is if printable, else quoted with escapes (names from files reach the terminal)."""
+    return text if text.isprintable() and len(text) <= 200 else repr(text[:200])
 
 
 def network_class(kind: str):
@@ -260,7 +261,7 @@ def network_class(kind: str):
     try:
         target = _LOADERS[kind]
     except KeyError:
-        raise WeightsError(f"unknown network kind {_printable(kind)}") from None
+        raise WeightsError(f"unknown network kind {kind[:60]!r}") from None
     module_name, name = target.split(":")
     return getattr(importlib.import_module(module_name), name)
 

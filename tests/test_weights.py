@@ -249,7 +249,7 @@ def test_a_tensor_inside_a_tensor_is_refused(tmp_path):
     name = first_float(tensors)
     tensors[name + "/child"] = np.zeros(1, np.float32)
     path = write(tmp_path / "nested.safetensors", tensors, metadata("icl", CONFIGS["icl"]))
-    refused(path, "also a group|inside tensor")
+    refused(path, "also a group|inside another tensor")
 
 
 def test_psp_latent_avg_is_required_only_when_used(tmp_path):
@@ -319,3 +319,13 @@ def test_mutated_files_read_or_fail_with_weights_error(kind, tmp_path):
                        if v.dtype == np.float32)
             outcomes["read"] += 1
     assert outcomes["refused"] > 50, outcomes
+
+
+def test_names_from_files_reach_the_terminal_escaped(tmp_path):
+    tensors = {**valid_variables("icl"), "params/\x1b]0;pwned\x07": np.zeros(1, np.float32)}
+    path = write(tmp_path / "esc.safetensors", tensors, metadata("icl", CONFIGS["icl"]))
+    message = refused(path, "unexpected tensor")
+    assert "\x1b" not in message and "\x07" not in message
+    tensors = {**valid_variables("icl"), "params/\x1b[31m": np.zeros(1, np.float16)}
+    path = write(tmp_path / "esc16.safetensors", tensors, metadata("icl", CONFIGS["icl"]))
+    assert "\x1b" not in refused(path, "has dtype F16")

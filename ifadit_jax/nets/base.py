@@ -275,7 +275,7 @@ def parse_config(cls: type[NetConfig], config: Any, what: str) -> NetConfig:
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not isinstance(tree, Mapping):
-        raise WeightsError(f"'{prefix[:-1]}' is a tensor where a group of tensors belongs")
+        raise WeightsError(f"{_name(prefix[:-1])} is a tensor where a group of tensors belongs")
     for k, v in tree.items():
         if isinstance(v, Mapping):
             out.update(_flat(v, f"{prefix}{k}/"))
@@ -296,7 +296,7 @@ def check_variables(expected: Mapping[str, Any], got: Mapping[str, Any], what: s
         raise WeightsError(f"{what}: {e}") from None
     problems = [f"missing tensor {k} {tuple(exp[k].shape)}" for k in exp
                 if k not in have and k not in (optional or {})]
-    problems += [f"unexpected tensor {k}" for k in have if k not in exp]
+    problems += [f"unexpected tensor {_name(k)}" for k in have if k not in exp]
     for k in (k for k in exp if k in have):
         e_shape, e_dtype = tuple(exp[k].shape), np.dtype(exp[k].dtype)
         shape, dtype = tuple(np.shape(have[k])), _dtype(have[k])
@@ -309,6 +309,11 @@ def check_variables(expected: Mapping[str, Any], got: Mapping[str, Any], what: s
     if problems:
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise WeightsError(f"{what}: " + "; ".join(problems[:3]) + more)
+
+
+def _name(text: str) -> str:
+    """A name from a file as is if printable, else escaped: it reaches the terminal."""
+    return text if text.isprintable() and len(text) <= 200 else repr(text[:200])
 
 
 def _dtype(x: Any) -> np.dtype:
