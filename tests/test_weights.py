@@ -329,3 +329,15 @@ def test_names_from_files_reach_the_terminal_escaped(tmp_path):
     tensors = {**valid_variables("icl"), "params/\x1b[31m": np.zeros(1, np.float16)}
     path = write(tmp_path / "esc16.safetensors", tensors, metadata("icl", CONFIGS["icl"]))
     assert "\x1b" not in refused(path, "has dtype F16")
+
+
+def test_float32_weights_load_under_x64_and_float64_only_in_memory(tmp_path):
+    # Under jax_enable_x64, eval_shape reports float64 for some parameters (PReLU slopes); the
+    # float32 file must still load, and float64 in-memory variables are a float64 computation.
+    path = write(tmp_path / "ok.safetensors", valid_variables("arcface"), metadata("arcface", CONFIGS["arcface"]))
+    with jax.enable_x64(True):
+        weights.read(path, kind="arcface")
+        wide = {k: v.astype(np.float64) for k, v in valid_variables("icl").items()}
+        weights.loader("icl")(weights.unflatten(wide), weights.Meta(kind="icl", config=CONFIGS["icl"]))
+    with pytest.raises(WeightsError, match="has dtype float64"):
+        weights.loader("icl")(weights.unflatten(wide), weights.Meta(kind="icl", config=CONFIGS["icl"]))

@@ -238,9 +238,9 @@ class NetConfig(collections.abc.Mapping):
 @functools.lru_cache(maxsize=32)
 def _variable_shapes(config: NetConfig) -> dict:
     module = config.module()
-    inputs = [jnp.zeros(s.shape, s.dtype) if isinstance(s, jax.ShapeDtypeStruct) else s
-              for s in config.init_inputs()]
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
+    # The inputs are built inside the trace: abstract, so nothing is allocated.
+    return jax.eval_shape(lambda: module.init(
+        jax.random.key(0), *(jnp.zeros(s.shape, s.dtype) for s in config.init_inputs())))
 
 
 def check_against_config(config: NetConfig, variables: Mapping[str, Any], what: str) -> None:
@@ -298,17 +298,28 @@ def check_variables(expected: Mapping[str, Any], got: Mapping[str, Any], what: s
                 if k not in have and k not in (optional or {})]
     problems += [f"unexpected tensor {_name(k)}" for k in have if k not in exp]
     for k in (k for k in exp if k in have):
-        e_shape, e_dtype = tuple(exp[k].shape), np.dtype(exp[k].dtype)
+        e_shape, e_dtype = tuple(exp[k].shape), _expected_dtype(exp[k].dtype)
         shape, dtype = tuple(np.shape(have[k])), _dtype(have[k])
         if shape != e_shape:
             problems.append(f"tensor {k} has shape {shape}, expected {e_shape}")
-        elif dtype != e_dtype:
+        elif dtype != e_dtype and not _widened(dtype, e_dtype):
             problems.append(f"tensor {k} has dtype {dtype}, expected {e_dtype}")
         elif np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(have[k])):
             problems.append(f"tensor {k} has non-finite values")
     if problems:
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise WeightsError(f"{what}: " + "; ".join(problems[:3]) + more)
+
+
+def _expected_dtype(dtype) -> np.dtype:
+    """Weights are float32 (`eval_shape` says float64 for some under `jax_enable_x64`)."""
+    return np.dtype(np.float32) if np.issubdtype(dtype, np.floating) else np.dtype(dtype)
+
+
+def _widened(dtype: np.dtype, expected: np.dtype) -> bool:
+    """float64 variables in memory under `jax_enable_x64` (a float64 computation); files never
+    hold them (`weights.read` admits only F32 and I32 tensors)."""
+    return dtype == np.float64 and expected == np.float32 and bool(jax.config.jax_enable_x64)
 
 
 def _name(text: str) -> str:
