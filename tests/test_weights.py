@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 import ifadit_jax
 from ifadit_jax import flow, weights
 from ifadit_jax.errors import WeightsError
+from tests.helpers import run_cli
 
 # One small config per kind (the JSON the converters write), and a field set out of range with
 # the documented limit it breaks (README "Weights").
@@ -341,3 +342,16 @@ def test_float32_weights_load_under_x64_and_float64_only_in_memory(tmp_path):
         weights.loader("icl")(weights.unflatten(wide), weights.Meta(kind="icl", config=CONFIGS["icl"]))
     with pytest.raises(WeightsError, match="has dtype float64"):
         weights.loader("icl")(weights.unflatten(wide), weights.Meta(kind="icl", config=CONFIGS["icl"]))
+
+
+def test_a_cli_reports_a_bad_file_as_one_error_line_with_exit_code_3(tmp_path):
+
+    tensors, _ = _bad_tensors("stylegan2", "NaN tensor")
+    path = write(tmp_path / "g.safetensors", tensors, metadata("stylegan2", CONFIGS["stylegan2"]))
+    out = tmp_path / "ffhq_star"
+    proc = run_cli("-m", "ifadit_jax.data.synthesize", "--weights", path, "--n", "1", "--out",
+                   str(out), "--quiet", check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "non-finite" in proc.stderr and path in proc.stderr
+    assert not out.exists()
