@@ -345,7 +345,6 @@ def test_float32_weights_load_under_x64_and_float64_only_in_memory(tmp_path):
 
 
 def test_a_cli_reports_a_bad_file_as_one_error_line_with_exit_code_3(tmp_path):
-
     tensors, _ = _bad_tensors("stylegan2", "NaN tensor")
     path = write(tmp_path / "g.safetensors", tensors, metadata("stylegan2", CONFIGS["stylegan2"]))
     out = tmp_path / "ffhq_star"
