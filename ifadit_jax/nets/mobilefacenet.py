@@ -20,11 +20,10 @@ Parameter tree (mirrors the state dict; `model.i` becomes `model_i`):
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from ifadit_jax.errors import InputError
 from ifadit_jax.nets import as_float, base, irse
