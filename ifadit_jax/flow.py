@@ -40,11 +40,9 @@ perm[i] = argmax_j W[i, j]).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.struct
 import jax
@@ -52,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax.errors import InputError, WeightsError
+from ifadit_jax.nets import base
 
 VARIANTS = ("sacb", "allinone")
 FREIA_VERSIONS = ("0.2", "master")
@@ -63,8 +62,8 @@ _SOFTPLUS_THRESHOLD = 20.0
 _GLOBAL_SCALE_INIT = 2.0 * math.log(math.exp(0.5 * 10.0 * 1.0) - 1.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class SifConfig:
+@base.netconfig
+class SifConfig(base.NetConfig):
     """Shape and math of a SIF. Defaults: the paper variant at the official sizes.
 
     variant: "sacb" (paper) or "allinone" (official FrEIA release).
@@ -77,6 +76,14 @@ class SifConfig:
     freia: allinone only, which FrEIA generation's soft clamp: "0.2" (2*tanh(a)) or
       "master" (2*tanh(a/2)).
     """
+
+    KIND: ClassVar[str] = "sif"
+    OPTIONAL: ClassVar[frozenset] = frozenset({"negative_slope", "c", "clamp", "freia"})
+    SCHEMA: ClassVar[dict] = {
+        "variant": base.Choice(VARIANTS), "n_blocks": base.Int(1, base.MAX_DEPTH),
+        "dim": base.Int(2), "cond_dim": base.Int(0), "hidden": base.List(base.Int(), 1, 16),
+        "negative_slope": base.Float(0.0, 1.0), "c": base.Float(0.0, 1e3),
+        "clamp": base.Float(0.0, 1e3), "freia": base.Choice(FREIA_VERSIONS)}
 
     variant: str = "sacb"
     n_blocks: int = 4
@@ -108,25 +115,10 @@ class SifConfig:
         """(d1, d2): sizes of the first and second part, as FrEIA splits."""
         return self.dim - self.dim // 2, self.dim // 2
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
+    from_dict = classmethod(lambda cls, d: cls.from_json(d))  # the name older callers use
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "SifConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise WeightsError(f"SIF config has unknown fields {unknown}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "SifConfig":
-        return cls.from_dict(json.loads(text))
+    def variable_shapes(self) -> dict:
+        return expected_variables(self)
 
 
 class Permutations:
@@ -422,10 +414,20 @@ class Flow:
     Inside other jitted code call the pure functions: `sif_forward(flow.params, z, k)`.
     """
 
+    CONFIG = SifConfig
+
     def __init__(self, params: SifParams, meta=None):
         self.params = params
         self.config = params.config
         self.meta = meta
+
+    @classmethod
+    def from_weights(cls, variables: dict, meta) -> "Flow":
+        """Loader for kind "sif" (see `ifadit_jax.load`): the same validation as every network."""
+        what = meta.path or meta.source_file or "SIF weights"
+        config = base.parse_config(SifConfig, meta.config, what)
+        base.check_against_config(config, variables, what)
+        return cls(from_variables(variables, config, what), meta)
 
     @property
     def variables(self) -> dict:
@@ -456,13 +458,7 @@ class Flow:
         return f"Flow({self.config})"
 
 
-def from_weights(variables: dict, meta) -> Flow:
-    """Loader for kind "sif" (see `ifadit_jax.load`)."""
-    try:
-        config = SifConfig.from_dict(dict(meta.config))
-    except (TypeError, InputError) as e:
-        raise WeightsError(f"{meta.source_file or 'SIF weights'}: bad SIF config ({e})") from None
-    return Flow(from_variables(variables, config, meta.source_file or "SIF weights"), meta)
+from_weights = Flow.from_weights
 
 
 def load(path: str | os.PathLike) -> Flow:

@@ -4,6 +4,10 @@ Layout: tensor names are `collection/path/to/leaf` (e.g. `params/mapping/fc0/ker
 `consts/synthesis/b8/conv0/noise_const`); the safetensors metadata holds
 `format`, `kind`, `config` (JSON), `source_file`, `source_sha256` and `converter_version`.
 `ifadit_jax.load(path)` dispatches on `kind` to the network's own loader.
+
+Files are untrusted: `read` validates the file, its header's bounds, the kind, the config schema
+(`ifadit_jax.nets.base.NetConfig`) and every tensor's name, shape, dtype and finiteness against
+`jax.eval_shape` of the network, and raises one WeightsError line otherwise (README "Weights").
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import hashlib
 import importlib
 import json
 import os
+import re
+import stat
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -21,23 +27,32 @@ from ifadit_jax.errors import WeightsError
 from ifadit_jax.files import atomic_path
 
 FORMAT = "ifadit-jax/1"
+# Bounds of the safetensors header read before anything else: our largest network (StyleGAN2
+# 1024 px) needs about 60 KB; the nesting of a valid header is 3 (header, tensor, shape).
+MAX_HEADER_BYTES = 8 << 20
+MAX_HEADER_DEPTH = 3
+MAX_CONFIG_DEPTH = 4  # config and extra JSON (Inception's widths: object, object, list)
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_OPEN = np.frombuffer(b"{[", np.uint8)
+_CLOSE = np.frombuffer(b"}]", np.uint8)
 
-# kind -> "module:function"; the function takes (variables, meta) and returns the loaded network.
-# Imported lazily so `ifadit_jax.load` of one network does not import every other one.
+# kind -> "module:class" of the loaded network: its `CONFIG` (schema) and `from_weights(variables,
+# meta)`. Imported lazily so `ifadit_jax.load` of one network does not import every other one.
 _LOADERS: dict[str, str] = {
-    "stylegan2": "ifadit_jax.nets.stylegan2:from_weights",
-    "sif": "ifadit_jax.flow:from_weights",
-    "latent_mapper": "ifadit_jax.nets.mappers:latent_mapper_from_weights",
-    "icl": "ifadit_jax.nets.mappers:icl_from_weights",
-    "arcface": "ifadit_jax.nets.arcface:from_weights",
-    "psp_encoder": "ifadit_jax.nets.psp:from_weights",
-    "bisenet": "ifadit_jax.nets.bisenet:from_weights",
-    "mobilefacenet": "ifadit_jax.nets.mobilefacenet:from_weights",
-    "lpips": "ifadit_jax.nets.lpips:from_weights",
-    "mtcnn": "ifadit_jax.nets.mtcnn:from_weights",
-    "adaface": "ifadit_jax.nets.adaface:from_weights",
-    "inception": "ifadit_jax.nets.inception:from_weights",
+    "stylegan2": "ifadit_jax.nets.stylegan2:StyleGAN2",
+    "sif": "ifadit_jax.flow:Flow",
+    "latent_mapper": "ifadit_jax.nets.mappers:LoadedLatentMapper",
+    "icl": "ifadit_jax.nets.mappers:LoadedICL",
+    "arcface": "ifadit_jax.nets.arcface:LoadedArcFace",
+    "psp_encoder": "ifadit_jax.nets.psp:LoadedPSPEncoder",
+    "bisenet": "ifadit_jax.nets.bisenet:LoadedBiSeNet",
+    "mobilefacenet": "ifadit_jax.nets.mobilefacenet:LoadedMobileFaceNet",
+    "lpips": "ifadit_jax.nets.lpips:LoadedLPIPS",
+    "mtcnn": "ifadit_jax.nets.mtcnn:MTCNN",
+    "adaface": "ifadit_jax.nets.adaface:LoadedAdaFace",
+    "inception": "ifadit_jax.nets.inception:LoadedInception",
 }
+KINDS = tuple(_LOADERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +63,7 @@ class Meta:
     source_sha256: str = ""
     converter_version: str = ""
     extra: dict = dataclasses.field(default_factory=dict)
+    path: str = ""  # the converted file it was read from (for messages), if any
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -88,7 +104,7 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], meta: Meta) -> N
     metadata = {
         "format": FORMAT,
         "kind": meta.kind,
-        "config": json.dumps(meta.config, sort_keys=True),
+        "config": json.dumps(dict(meta.config), sort_keys=True),
         "source_file": meta.source_file,
         "source_sha256": meta.source_sha256,
         "converter_version": meta.converter_version,
@@ -99,53 +115,178 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], meta: Meta) -> N
 
 
 def read(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, Any], Meta]:
-    """Reads a converted file; `kind`, if given, must match the file's kind."""
-    from safetensors import SafetensorError, safe_open
+    """Reads and validates a converted file; `kind`, if given, must match the file's kind.
 
+    Everything a loader will rely on is checked here, before any network is built: a regular
+    file with a bounded safetensors header, known kind, config schema, and every tensor's name,
+    shape, dtype and finiteness against `jax.eval_shape` of the network built from the config.
+    Any problem is one WeightsError naming the file and the field or tensor.
+    """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise WeightsError(
-            f"weights file not found: {path} (convert an official checkpoint with ports/convert_*.py; "
-            "see README 'Weights')")
-    try:
-        with safe_open(path, framework="numpy") as f:
-            metadata = f.metadata() or {}
-            flat = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a converted ifadit-jax weights file ({e})") from None
-    if metadata.get("format") != FORMAT:
-        raise WeightsError(f"{path}: not a converted ifadit-jax weights file (no '{FORMAT}' metadata)")
-    meta = Meta(
-        kind=metadata["kind"],
-        config=json.loads(metadata["config"]),
-        source_file=metadata.get("source_file", ""),
-        source_sha256=metadata.get("source_sha256", ""),
-        converter_version=metadata.get("converter_version", ""),
-        extra=json.loads(metadata.get("extra", "{}")),
-    )
+    metadata = _header_metadata(path)
+    meta = _meta(path, metadata)
     if kind is not None and meta.kind != kind:
         raise WeightsError(f"{path}: holds a '{meta.kind}' network, expected '{kind}'")
-    return unflatten(flat), meta
+    flat = _tensors(path)
+    variables = _unflatten_checked(flat, path)
+    validate(variables, meta, path)
+    return variables, meta
 
 
-def loader(kind: str) -> Callable[[dict, Meta], Any]:
-    """The function that turns (variables, meta) of network `kind` into a loaded network."""
+def _header_metadata(path: str) -> dict[str, str]:
+    """The safetensors header's metadata, after checking the file and the header's bounds."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        raise WeightsError(
+            f"weights file not found: {path} (convert an official checkpoint with ports/convert_*.py; "
+            "see README 'Weights')") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise WeightsError(f"{path}: not a regular file")
+    try:
+        # O_NONBLOCK: should the path have become a FIFO since the stat, open does not block.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise WeightsError(f"{path}: not a regular file")
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if size < 2 or size > MAX_HEADER_BYTES or size + 8 > info.st_size:
+                raise WeightsError(f"{path}: not a converted ifadit-jax weights file (safetensors "
+                                   f"header of {size} bytes; at most {MAX_HEADER_BYTES} that fit "
+                                   "in the file)")
+            text = f.read(size)
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read ({e.strerror})") from None
+    header = _parse_header(text, path)
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightsError(f"{path}: not a converted ifadit-jax weights file (no '{FORMAT}' metadata)")
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in ("F32", "I32"):
+            raise WeightsError(f"{path}: tensor {_printable(name)} has dtype {_printable(str(dtype))}; converted weights are "
+                               "float32 (F32), permutations int32 (I32)")
+    return metadata
+
+
+def _parse_header(raw: bytes, path: str) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WeightsError(f"{path}: not a converted ifadit-jax weights file (header is not "
+                           "UTF-8)") from None
+    if _json_depth(text) > MAX_HEADER_DEPTH:
+        raise WeightsError(f"{path}: safetensors header nests deeper than {MAX_HEADER_DEPTH} levels")
+    try:
+        header = json.loads(text)
+    except ValueError:
+        raise WeightsError(f"{path}: not a converted ifadit-jax weights file (header is not "
+                           "JSON)") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a converted ifadit-jax weights file (header is not a "
+                           "JSON object)")
+    return header
+
+
+def _json_depth(text: str) -> int:
+    """How deep brackets nest in JSON `text`, found without parsing it: no deep nesting ever
+    reaches the (recursive) JSON decoder."""
+    skeleton = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8"), np.uint8)
+    if not skeleton.size:
+        return 0
+    opens = np.isin(skeleton, _OPEN).astype(np.int64) - np.isin(skeleton, _CLOSE)
+    return int(np.max(np.cumsum(opens)))
+
+
+def _meta(path: str, metadata: Mapping[str, str]) -> Meta:
+    if metadata.get("format") != FORMAT:
+        raise WeightsError(f"{path}: not a converted ifadit-jax weights file (no '{FORMAT}' metadata)")
+    kind = metadata.get("kind")
+    if kind is None:
+        raise WeightsError(f"{path}: no 'kind' in the metadata (which network is this?)")
+    if kind not in _LOADERS:
+        raise WeightsError(f"{path}: unknown network kind {kind[:60]!r}")
+    fields = {}
+    for name, default in (("config", None), ("extra", "{}")):
+        try:
+            text = metadata.get(name, default) if default else metadata[name]
+            if _json_depth(text) > MAX_CONFIG_DEPTH:
+                raise WeightsError(f"{path}: metadata '{name}' nests deeper than {MAX_CONFIG_DEPTH} levels")
+            fields[name] = json.loads(text)
+        except (KeyError, ValueError):
+            raise WeightsError(f"{path}: metadata '{name}' is missing or not JSON") from None
+        if not isinstance(fields[name], dict):
+            raise WeightsError(f"{path}: metadata '{name}' is not a JSON object")
+    return Meta(kind=kind, config=fields["config"], source_file=metadata.get("source_file", ""),
+                source_sha256=metadata.get("source_sha256", ""),
+                converter_version=metadata.get("converter_version", ""), extra=fields["extra"],
+                path=path)
+
+
+def _tensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise WeightsError(f"{path}: not a converted ifadit-jax weights file ({e})") from None
+
+
+def _unflatten_checked(flat: Mapping[str, np.ndarray], path: str) -> dict[str, Any]:
+    """`unflatten`, refusing names that collide (a tensor both a leaf and a group)."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise WeightsError(f"{path}: tensor {_printable(key)} is inside another tensor")
+        if leaf in node:
+            raise WeightsError(f"{path}: tensor {_printable(key)} is also a group of tensors")
+        node[leaf] = value
+    return tree
+
+
+def _printable(text: str) -> str:
+    """`text` as is if printable, else quoted with escapes (names from files reach the terminal)."""
+    return text if text.isprintable() and len(text) <= 200 else repr(text[:200])
+
+
+def network_class(kind: str):
+    """The loaded-network class of `kind` (its `CONFIG`, `from_weights`)."""
     try:
         target = _LOADERS[kind]
     except KeyError:
-        raise WeightsError(f"unknown network kind '{kind}'") from None
-    module_name, fn_name = target.split(":")
-    return getattr(importlib.import_module(module_name), fn_name)
+        raise WeightsError(f"unknown network kind {kind[:60]!r}") from None
+    module_name, name = target.split(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def validate(variables: Mapping[str, Any], meta: Meta, what: str | None = None) -> None:
+    """Checks `meta.config` against the kind's schema and every tensor against the network built
+    from it (see `read`); WeightsError naming `what` (default: the file) and the field or tensor."""
+    from ifadit_jax.nets import base
+
+    what = what or meta.path or meta.source_file or f"{meta.kind} weights"
+    cls = network_class(meta.kind)
+    config = base.parse_config(cls.CONFIG, meta.config, what)
+    base.check_against_config(config, variables, what)
+
+
+def loader(kind: str) -> Callable[[dict, Meta], Any]:
+    """The function that turns (variables, meta) of network `kind` into a loaded network
+    (validating both)."""
+    return network_class(kind).from_weights
 
 
 def load(path: str | os.PathLike) -> Any:
     """Loads any converted network; what it returns depends on the kind stored in the file."""
     variables, meta = read(path)
-    try:
-        fn = loader(meta.kind)
-    except WeightsError:
-        raise WeightsError(f"{path}: unknown network kind '{meta.kind}'") from None
-    return fn(variables, meta)
+    return loader(meta.kind)(variables, meta)
 
 
 def check_tree(expected: Mapping[str, Any], got: Mapping[str, Any], what: str) -> None:

@@ -30,7 +30,7 @@ Parameter tree (the input layer and unit names follow `irse.IRBody`, so the two 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax.errors import InputError
-from ifadit_jax.nets import irse
+from ifadit_jax.nets import base, irse
 
 # Units per stage of AdaFace's `get_blocks(num_layers)` for the `BasicBlockIR` depths
 # (152 and 200 use `BottleneckIR` units, which no released AdaFace checkpoint has).
@@ -106,12 +106,41 @@ class AdaFace(nn.Module):
         return e / norm, norm
 
 
-def module_from_config(config: dict) -> AdaFace:
-    return AdaFace(widths=tuple(config["widths"]), units=tuple(config["units"]),
-                   emb_dim=int(config["emb_dim"]), input_size=int(config["input_size"]))
+@base.netconfig
+class AdaFaceConfig(base.NetConfig):
+    """What `ports/convert_adaface.py` infers (see `AdaFace` for the fields)."""
+
+    KIND: ClassVar[str] = "adaface"
+    SCHEMA: ClassVar[dict] = {
+        "num_layers": base.Choice(tuple(STAGE_UNITS)), "widths": base.List(base.Int(), 4, 4),
+        "units": base.List(base.Int(1, base.MAX_DEPTH), 4, 4), "emb_dim": base.Int(),
+        "input_size": base.Choice((112, 224))}
+
+    widths: tuple[int, ...]
+    units: tuple[int, ...] = STAGE_UNITS[50]
+    emb_dim: int = 512
+    input_size: int = INPUT_SIZE
+    num_layers: int = 50
+
+    def check(self) -> None:
+        if STAGE_UNITS[self.num_layers] != self.units:
+            raise base.ConfigError(f"config field 'units' {list(self.units)} is not IR-"
+                                   f"{self.num_layers}'s {list(STAGE_UNITS[self.num_layers])}")
+
+    def module(self) -> AdaFace:
+        return AdaFace(widths=self.widths, units=self.units, emb_dim=self.emb_dim,
+                       input_size=self.input_size)
+
+    def init_inputs(self) -> tuple:
+        return (base.spec(1, self.input_size, self.input_size, 3),)
 
 
-class LoadedAdaFace:
+def module_from_config(config) -> AdaFace:
+    """The module of a config (an `AdaFaceConfig` or its JSON dict)."""
+    return base.parse_config(AdaFaceConfig, config, "AdaFace config").module()
+
+
+class LoadedAdaFace(base.Loaded):
     """A converted AdaFace backbone.
 
     `net(x)` -> (embeddings [B, 512] unit vectors, norms [B, 1]) for x = `preprocess(rgb)`:
@@ -120,19 +149,13 @@ class LoadedAdaFace:
     Inside your own jit use the pure function `net.module.apply(net.variables, x)`.
     """
 
-    def __init__(self, config: dict, variables: dict[str, Any]):
-        self.config = dict(config)
-        self.module = module_from_config(config)
-        self.variables = jax.tree.map(jnp.asarray, variables)
-        self._fwd = jax.jit(self.module.apply)
+    CONFIG = AdaFaceConfig
 
     def __call__(self, x) -> tuple[jax.Array, jax.Array]:
-        return self._fwd(self.variables, jnp.asarray(x, jnp.float32))
+        return self._run(None, base.f32(x))
 
     def embed_rgb(self, images_rgb) -> jax.Array:
         return self(preprocess(images_rgb))[0]
 
 
-def from_weights(variables: dict, meta) -> LoadedAdaFace:
-    """Loader for kind "adaface" (see `ifadit_jax.load`)."""
-    return LoadedAdaFace(meta.config, variables)
+from_weights = LoadedAdaFace.from_weights

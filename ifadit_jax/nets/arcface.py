@@ -22,7 +22,7 @@ batch_stats/output_bn1d/{mean,var}.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax.errors import InputError
-from ifadit_jax.nets import as_float, irse
+from ifadit_jax.nets import as_float, base, irse
 
 # IDLoss crop of a 256x256 FFHQ-aligned image (rows, columns), then pooled to 112x112.
 ID_CROP = ((35, 223), (32, 220))
@@ -123,13 +123,39 @@ def id_loss(feats_hat: jax.Array, feats_target: jax.Array, feats_input: jax.Arra
     return jnp.mean(1.0 - diff_target), jnp.mean(diff_target - diff_views), logs
 
 
-def module_from_config(config: dict) -> ArcFace:
-    return ArcFace(widths=tuple(config["widths"]), units=tuple(config["units"]), se=bool(config["se"]),
-                   emb_dim=int(config["emb_dim"]), input_size=int(config["input_size"]),
-                   bn1d_affine=bool(config["bn1d_affine"]))
+@base.netconfig
+class ArcFaceConfig(base.NetConfig):
+    """What `ports/convert_arcface.py` infers (see `ArcFace` for the fields)."""
+
+    KIND: ClassVar[str] = "arcface"
+    OPTIONAL: ClassVar[frozenset] = frozenset({"in_channels"})  # older configs lack it
+    SCHEMA: ClassVar[dict] = {
+        "widths": base.List(base.Int(), 4, 4), "units": base.List(base.Int(1, base.MAX_DEPTH), 4, 4),
+        "se": base.Bool(), "emb_dim": base.Int(), "input_size": base.Choice((112, 224)),
+        "bn1d_affine": base.Bool(), "in_channels": base.Choice((3,))}
+
+    widths: tuple[int, ...]
+    units: tuple[int, ...] = irse.STAGE_UNITS[50]
+    se: bool = True
+    emb_dim: int = 512
+    input_size: int = 112
+    bn1d_affine: bool = True
+    in_channels: int = 3
+
+    def module(self) -> ArcFace:
+        return ArcFace(widths=self.widths, units=self.units, se=self.se, emb_dim=self.emb_dim,
+                       input_size=self.input_size, bn1d_affine=self.bn1d_affine)
+
+    def init_inputs(self) -> tuple:
+        return (base.spec(1, self.input_size, self.input_size, 3),)
 
 
-class LoadedArcFace:
+def module_from_config(config) -> ArcFace:
+    """The module of a config (an `ArcFaceConfig` or its JSON dict)."""
+    return base.parse_config(ArcFaceConfig, config, "ArcFace config").module()
+
+
+class LoadedArcFace(base.Loaded):
     """A converted ArcFace: `net(x112)` -> [B, 512] unit vectors for [B, 112, 112, 3] in [-1, 1];
     `net.identity(x256)` -> the same for [B, 256, 256, 3] aligned images in [-1, 1] (IDLoss path).
 
@@ -137,20 +163,13 @@ class LoadedArcFace:
     `net.module.apply(net.variables, x256, method="identity")`.
     """
 
-    def __init__(self, config: dict, variables: dict[str, Any]):
-        self.config = dict(config)
-        self.module = module_from_config(config)
-        self.variables = jax.tree.map(jnp.asarray, variables)
-        self._embed = jax.jit(self.module.apply)
-        self._identity = jax.jit(lambda v, x: self.module.apply(v, x, method="identity"))
+    CONFIG = ArcFaceConfig
 
     def __call__(self, x112) -> jax.Array:
-        return self._embed(self.variables, jnp.asarray(x112, jnp.float32))
+        return self._run(None, base.f32(x112))
 
     def identity(self, x256) -> jax.Array:
-        return self._identity(self.variables, jnp.asarray(x256, jnp.float32))
+        return self._run("identity", base.f32(x256))
 
 
-def from_weights(variables: dict, meta) -> LoadedArcFace:
-    """Loader for kind "arcface" (see `ifadit_jax.load`)."""
-    return LoadedArcFace(meta.config, variables)
+from_weights = LoadedArcFace.from_weights

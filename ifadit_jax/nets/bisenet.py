@@ -32,7 +32,7 @@ the ImageNet mean/std. `preprocess` does that on [B, H, W, 3] arrays; `net(x)` t
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax.errors import InputError
-from ifadit_jax.nets import as_float, resample
+from ifadit_jax.nets import as_float, base, resample
 
 PARSER_SIZE = 512  # the resolution 79999_iter.pth was trained and is run at
 BN_EPS = 1e-5  # torch BatchNorm2d default; the official model uses it everywhere
@@ -319,18 +319,44 @@ class BiSeNet(nn.Module):
         size = x.shape[1:3]
         return tuple(resample.bilinear_align_corners(o, size) for o in outs)
 
-
-def module_from_config(config: dict) -> BiSeNet:
-    return BiSeNet(n_classes=int(config["n_classes"]), stem_width=int(config["stem_width"]),
-                   layer_widths=tuple(int(c) for c in config["layer_widths"]),
-                   layer_blocks=tuple(int(n) for n in config["layer_blocks"]),
-                   context_width=int(config["context_width"]),
-                   fusion_width=int(config["fusion_width"]),
-                   fusion_attention_width=int(config["fusion_attention_width"]),
-                   head_widths=tuple(int(c) for c in config["head_widths"]))
+    def labels(self, x):
+        """[B, H, W] int32 argmax of feat_out: the official parsing map."""
+        return jnp.argmax(self(x)[0], axis=-1)
 
 
-class LoadedBiSeNet:
+@base.netconfig
+class BiSeNetConfig(base.NetConfig):
+    """What `ports/convert_bisenet.py` infers (see `BiSeNet` and DEFAULT_CONFIG)."""
+
+    KIND: ClassVar[str] = "bisenet"
+    SCHEMA: ClassVar[dict] = {
+        "n_classes": base.Int(), "stem_width": base.Int(), "layer_widths": base.List(base.Int(), 4, 4),
+        "layer_blocks": base.List(base.Int(1, base.MAX_DEPTH), 4, 4), "context_width": base.Int(),
+        "fusion_width": base.Int(), "fusion_attention_width": base.Int(),
+        "head_widths": base.List(base.Int(), 3, 3)}
+
+    n_classes: int
+    stem_width: int
+    layer_widths: tuple[int, ...]
+    layer_blocks: tuple[int, ...]
+    context_width: int
+    fusion_width: int
+    fusion_attention_width: int
+    head_widths: tuple[int, ...]
+
+    def module(self) -> BiSeNet:
+        return BiSeNet(**{name: getattr(self, name) for name in self.SCHEMA})
+
+    def init_inputs(self) -> tuple:
+        return (base.spec(1, 64, 64, 3),)  # fully convolutional: the size does not matter
+
+
+def module_from_config(config) -> BiSeNet:
+    """The module of a config (a `BiSeNetConfig` or its JSON dict)."""
+    return base.parse_config(BiSeNetConfig, config, "BiSeNet config").module()
+
+
+class LoadedBiSeNet(base.Loaded):
     """A converted BiSeNet face parser.
 
     `net(x)` -> (feat_out, feat_out16, feat_out32), each [B, H, W, 19] logits, for x
@@ -340,27 +366,19 @@ class LoadedBiSeNet:
     Inside your own jit call the pure function `net.module.apply(net.variables, x)`.
     """
 
-    def __init__(self, config: dict, variables: dict[str, Any]):
-        self.config = dict(config)
-        self.module = module_from_config(config)
-        self.variables = jax.tree.map(jnp.asarray, variables)
-        self._full = jax.jit(self.module.apply)
-        self._lowres = jax.jit(lambda v, x: self.module.apply(v, x, upsample=False))
-        self._labels = jax.jit(lambda v, x: jnp.argmax(self.module.apply(v, x)[0], axis=-1))
+    CONFIG = BiSeNetConfig
 
     def __call__(self, x) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return self._full(self.variables, jnp.asarray(x, jnp.float32))
+        return self._run(None, base.f32(x))
 
     def lowres(self, x) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return self._lowres(self.variables, jnp.asarray(x, jnp.float32))
+        return self._run(None, base.f32(x), upsample=False)
 
     def labels(self, x) -> jax.Array:
-        return self._labels(self.variables, jnp.asarray(x, jnp.float32))
+        return self._run("labels", base.f32(x))
 
 
-def from_weights(variables: dict, meta) -> LoadedBiSeNet:
-    """Loader for kind "bisenet" (see `ifadit_jax.load`)."""
-    return LoadedBiSeNet(meta.config, variables)
+from_weights = LoadedBiSeNet.from_weights
 
 
 def load(path) -> LoadedBiSeNet:

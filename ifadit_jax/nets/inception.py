@@ -34,7 +34,7 @@ params/Mixed_6b/branch7x7_2/bn/scale.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax.linen as nn
 import jax
@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax.errors import InputError
+from ifadit_jax.nets import base
 
 BN_EPS = 1e-3  # torchvision BasicConv2d
 INPUT_SIZE = 299
@@ -280,12 +281,39 @@ class FIDInceptionV3(nn.Module):
         return self.blocks(images)[-1]
 
 
-def module_from_config(config: dict) -> FIDInceptionV3:
-    widths = config["widths"]
-    return FIDInceptionV3(**{k: tuple(int(c) for c in widths[k]) for k in OFFICIAL_WIDTHS})
+_WIDTHS_SCHEMA = {k: base.List(base.Int(), len(v), len(v)) for k, v in OFFICIAL_WIDTHS.items()}
 
 
-class LoadedInception:
+@base.netconfig
+class InceptionConfig(base.NetConfig):
+    """What `ports/convert_inception.py` infers: the channel constants of every group
+    (`widths`, as a tuple of (group, widths) pairs) and the pool3 width they give."""
+
+    KIND: ClassVar[str] = "inception"
+    SCHEMA: ClassVar[dict] = {"widths": base.Record(_WIDTHS_SCHEMA),
+                              "feature_dim": base.Int(1, 4 * base.MAX_WIDTH)}
+
+    widths: tuple = tuple(OFFICIAL_WIDTHS.items())
+    feature_dim: int = 2048
+
+    def check(self) -> None:
+        if feature_dim(dict(self.widths)) != self.feature_dim:
+            raise base.ConfigError(f"config field 'feature_dim' {self.feature_dim} does not match "
+                                   f"the widths ({feature_dim(dict(self.widths))})")
+
+    def module(self) -> FIDInceptionV3:
+        return FIDInceptionV3(**dict(self.widths))
+
+    def init_inputs(self) -> tuple:
+        return (base.spec(1, INPUT_SIZE, INPUT_SIZE, 3),)
+
+
+def module_from_config(config) -> FIDInceptionV3:
+    """The module of a config (an `InceptionConfig` or its JSON dict)."""
+    return base.parse_config(InceptionConfig, config, "Inception config").module()
+
+
+class LoadedInception(base.Loaded):
     """A converted FID Inception: `net(images)` -> pool3 features [B, C3] (2048 for the official
     weights) for images [B, H, W, 3] RGB in [0, 1] of any size (resized to 299 as pytorch-fid does).
 
@@ -293,21 +321,17 @@ class LoadedInception:
     `net.module.apply(net.variables, images)`.
     """
 
-    def __init__(self, config: dict, variables: dict[str, Any]):
-        self.config = dict(config)
-        self.module = module_from_config(config)
-        self.variables = jax.tree.map(jnp.asarray, variables)
-        self.feature_dim = feature_dim(self.config["widths"])
-        self._fwd = jax.jit(self.module.apply)
-        self._blocks = jax.jit(lambda v, x: self.module.apply(v, x, method="blocks"))
+    CONFIG = InceptionConfig
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.feature_dim
 
     def __call__(self, images) -> jax.Array:
-        return self._fwd(self.variables, jnp.asarray(images, jnp.float32))
+        return self._run(None, base.f32(images))
 
     def blocks(self, images) -> list[jax.Array]:
-        return self._blocks(self.variables, jnp.asarray(images, jnp.float32))
+        return self._run("blocks", base.f32(images))
 
 
-def from_weights(variables: dict, meta) -> LoadedInception:
-    """Loader for kind "inception" (see `ifadit_jax.load`)."""
-    return LoadedInception(meta.config, variables)
+from_weights = LoadedInception.from_weights

@@ -23,13 +23,14 @@ params/lin{l}/kernel [1,1,C_l,1].
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ifadit_jax.errors import InputError
+from ifadit_jax.nets import base
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -136,7 +137,32 @@ class LPIPS(nn.Module):
         return (dist, terms) if per_layer else dist
 
 
-class LoadedLPIPS:
+@base.netconfig
+class LPIPSConfig(base.NetConfig):
+    """What `ports/convert_lpips.py` writes (see `LPIPS` for the fields)."""
+
+    KIND: ClassVar[str] = "lpips"
+    OPTIONAL: ClassVar[frozenset] = frozenset({"version"})
+    SCHEMA: ClassVar[dict] = {"net": base.Choice(tuple(STAGES)), "widths": base.List(base.Int()),
+                              "version": base.Choice(VERSIONS)}
+
+    net: str = "alex"
+    widths: tuple[int, ...] = (64, 192, 384, 256, 256)
+    version: str = "0.1"
+
+    def check(self) -> None:
+        if len(self.widths) != len(conv_indices(self.net)):
+            raise base.ConfigError(f"config field 'widths' must have {len(conv_indices(self.net))} "
+                                   f"entries for LPIPS-{self.net}, got {len(self.widths)}")
+
+    def module(self) -> LPIPS:
+        return LPIPS(net=self.net, widths=self.widths, version=self.version)
+
+    def init_inputs(self) -> tuple:
+        return base.spec(1, 64, 64, 3), base.spec(1, 64, 64, 3)
+
+
+class LoadedLPIPS(base.Loaded):
     """A converted LPIPS: `net(a, b)` -> distances [B] for NHWC RGB images in [-1, 1].
 
     `net.layers(a, b)` -> the 5 per-layer terms (each [B]; they sum to `net(a, b)`);
@@ -144,32 +170,24 @@ class LoadedLPIPS:
     (as the official flag). Inside your own jit use `net.module.apply(net.variables, a, b)`.
     """
 
-    def __init__(self, config: dict, variables: dict[str, Any]):
-        self.config = dict(config)
-        self.module = LPIPS(net=config["net"], widths=tuple(int(c) for c in config["widths"]),
-                            version=config.get("version", "0.1"))
-        self.variables = jax.tree.map(jnp.asarray, variables)
-        self._with_layers = jax.jit(lambda v, a, b: self.module.apply(v, a, b, per_layer=True))
-        self._spatial = jax.jit(lambda v, a, b: self.module.apply(v, a, b, spatial=True))
+    CONFIG = LPIPSConfig
 
     @staticmethod
     def _inputs(a, b, normalize):
-        a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        a, b = base.f32(a), base.f32(b)
         return (2 * a - 1, 2 * b - 1) if normalize else (a, b)
 
     def __call__(self, a, b, normalize: bool = False) -> jax.Array:
-        return self._with_layers(self.variables, *self._inputs(a, b, normalize))[0]
+        return self._run(None, *self._inputs(a, b, normalize), per_layer=True)[0]
 
     def layers(self, a, b, normalize: bool = False) -> list[jax.Array]:
-        return self._with_layers(self.variables, *self._inputs(a, b, normalize))[1]
+        return self._run(None, *self._inputs(a, b, normalize), per_layer=True)[1]
 
     def spatial(self, a, b, normalize: bool = False) -> jax.Array:
-        return self._spatial(self.variables, *self._inputs(a, b, normalize))
+        return self._run(None, *self._inputs(a, b, normalize), spatial=True)
 
 
-def from_weights(variables: dict, meta) -> LoadedLPIPS:
-    """Loader for kind "lpips" (see `ifadit_jax.load`)."""
-    return LoadedLPIPS(meta.config, variables)
+from_weights = LoadedLPIPS.from_weights
 
 
 def load(path) -> LoadedLPIPS:

@@ -16,15 +16,14 @@ Widths are constructor fields (the converter reads them from the checkpoint shap
 
 from __future__ import annotations
 
-import functools
-import os
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ifadit_jax.errors import InputError
+from ifadit_jax.nets import base
 
 NEGATIVE_SLOPE = 0.2
 
@@ -75,51 +74,80 @@ def latent_mapper_input(z, attr):
     return jnp.concatenate([z_rows.astype(attr.dtype), attr], axis=-1)
 
 
+@base.netconfig
+class MLPConfig(base.NetConfig):
+    """What `ports/convert_ifadit.py mapper|icl` infers: input width, layer widths, slope."""
+
+    OPTIONAL: ClassVar[frozenset] = frozenset({"negative_slope"})
+    SCHEMA: ClassVar[dict] = {"in_features": base.Int(1, 2 * base.MAX_WIDTH),
+                              "features": base.List(base.Int(), 1, 16),
+                              "negative_slope": base.Float(0.0, 1.0)}
+    MODULE: ClassVar[type[LeakyMLP]] = LeakyMLP
+
+    in_features: int
+    features: tuple[int, ...]
+    negative_slope: float = NEGATIVE_SLOPE
+
+    def module(self) -> LeakyMLP:
+        return self.MODULE(features=self.features, negative_slope=self.negative_slope)
+
+    def init_inputs(self) -> tuple:
+        return (base.spec(1, self.in_features),)
+
+
+@base.netconfig
+class LatentMapperConfig(MLPConfig):
+    KIND: ClassVar[str] = "latent_mapper"
+    MODULE: ClassVar[type[LeakyMLP]] = LatentMapper
+
+
+@base.netconfig
+class ICLConfig(MLPConfig):
+    KIND: ClassVar[str] = "icl"
+    MODULE: ClassVar[type[LeakyMLP]] = ICL
+
+
+_CONFIGS = {LatentMapper: LatentMapperConfig, ICL: ICLConfig}
+
+
 def config_of(module: LeakyMLP, in_features: int) -> dict:
     return {"in_features": int(in_features), "features": [int(f) for f in module.features],
             "negative_slope": float(module.negative_slope)}
 
 
-def _build(cls, config: dict) -> tuple[LeakyMLP, int]:
-    return (cls(features=tuple(int(f) for f in config["features"]),
-                negative_slope=float(config.get("negative_slope", NEGATIVE_SLOPE))),
-            int(config["in_features"]))
+def build(cls: type[LeakyMLP], config) -> tuple[LeakyMLP, int]:
+    """(module, in_features) of a `cls` (LatentMapper or ICL) config or its JSON dict."""
+    config = base.parse_config(_CONFIGS[cls], config, f"{cls.__name__} config")
+    return config.module(), config.in_features
 
 
 def expected_variables(module: LeakyMLP, in_features: int):
+    """`jax.eval_shape` of the variables of `module` for inputs of width `in_features`."""
     return jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, in_features), jnp.float32))
 
 
-class _Loaded:
-    """A loaded MLP: `module`, `variables`, `config`; calls run a jitted `module.apply`."""
+class _LoadedMLP(base.Loaded):
+    """A loaded MLP: `mlp(x)` for x [..., in_features]."""
 
-    def __init__(self, module: LeakyMLP, in_features: int, variables: dict, meta=None):
-        self.module = module
-        self.in_features = in_features
-        self.variables = variables
-        self.config = config_of(module, in_features)
-        self.meta = meta
-        self._apply = jax.jit(module.apply)
-
-    @property
-    def out_features(self) -> int:
-        return self.module.features[-1]
+    in_features = property(lambda self: self.config.in_features)
+    out_features = property(lambda self: self.config.features[-1])
 
     def __call__(self, x):
-        x = jnp.asarray(x, jnp.float32)
+        x = base.f32(x)
         if x.ndim < 2 or x.shape[-1] != self.in_features:
             raise InputError(f"{type(self).__name__} input must have shape [..., {self.in_features}], "
                              f"got {tuple(x.shape)}")
-        return self._apply(self.variables, x)
+        return self._run(None, x)
 
 
-class LoadedLatentMapper(_Loaded):
+class LoadedLatentMapper(_LoadedMLP):
     """M. `mapper(x)`: x [B, n_latent, id_dim + w_dim] -> W+ [B, n_latent, w_dim];
     `mapper.wplus(z, attr)`: z [B, id_dim], attr [B, n_latent, w_dim] -> W+."""
 
+    CONFIG = LatentMapperConfig
+
     def wplus(self, z, attr):
-        z = jnp.asarray(z, jnp.float32)
-        attr = jnp.asarray(attr, jnp.float32)
+        z, attr = base.f32(z), base.f32(attr)
         if z.ndim != 2 or attr.ndim != 3 or z.shape[0] != attr.shape[0] or \
                 z.shape[1] + attr.shape[2] != self.in_features:
             raise InputError(f"expected z [B, id_dim] and attr [B, n_latent, w_dim] with id_dim + w_dim = "
@@ -127,35 +155,11 @@ class LoadedLatentMapper(_Loaded):
         return self(latent_mapper_input(z, attr))
 
 
-class LoadedICL(_Loaded):
+class LoadedICL(_LoadedMLP):
     """C. `icl(e)`: e [B, 512] (E_ID of the anonymized image) -> [B, 512]."""
 
-
-def latent_mapper_from_weights(variables: dict, meta) -> LoadedLatentMapper:
-    return _from_weights(LatentMapper, LoadedLatentMapper, variables, meta)
+    CONFIG = ICLConfig
 
 
-def icl_from_weights(variables: dict, meta) -> LoadedICL:
-    return _from_weights(ICL, LoadedICL, variables, meta)
-
-
-def _from_weights(cls, loaded_cls, variables, meta):
-    from ifadit_jax import weights
-
-    module, in_features = _build(cls, meta.config)
-    weights.check_tree(expected_variables(module, in_features), variables,
-                       meta.source_file or cls.__name__)
-    variables = jax.tree.map(functools.partial(jnp.asarray, dtype=jnp.float32), variables)
-    return loaded_cls(module, in_features, variables, meta)
-
-
-def load_latent_mapper(path: str | os.PathLike) -> LoadedLatentMapper:
-    from ifadit_jax import weights
-
-    return latent_mapper_from_weights(*weights.read(path, kind="latent_mapper"))
-
-
-def load_icl(path: str | os.PathLike) -> LoadedICL:
-    from ifadit_jax import weights
-
-    return icl_from_weights(*weights.read(path, kind="icl"))
+latent_mapper_from_weights = LoadedLatentMapper.from_weights
+icl_from_weights = LoadedICL.from_weights

@@ -20,14 +20,13 @@ Parameter tree (mirrors the state dict; `model.i` becomes `model_i`):
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from ifadit_jax.errors import InputError
-from ifadit_jax.nets import as_float, irse
+from ifadit_jax.nets import as_float, base, irse
 
 INPUT_SIZE = 112
 BN_EPS = 1e-5  # torch BatchNorm default, used by every BN in the official model
@@ -156,7 +155,23 @@ def preprocess(images: jax.Array, value_range: tuple[float, float] = (-1.0, 1.0)
     return x
 
 
-class LoadedMobileFaceNet:
+@base.netconfig
+class MobileFaceNetConfig(base.NetConfig):
+    """What `ports/convert_mobilefacenet.py` infers: only the output size varies."""
+
+    KIND: ClassVar[str] = "mobilefacenet"
+    SCHEMA: ClassVar[dict] = {"embedding_size": base.Int()}
+
+    embedding_size: int = 136
+
+    def module(self) -> MobileFaceNet:
+        return MobileFaceNet(embedding_size=self.embedding_size)
+
+    def init_inputs(self) -> tuple:
+        return (base.spec(1, INPUT_SIZE, INPUT_SIZE, 3),)
+
+
+class LoadedMobileFaceNet(base.Loaded):
     """A converted MobileFaceNet: `net(x)` -> landmarks [B, 136] for x [B, 112, 112, 3] BGR in [0, 1].
 
     `net.features(x)` -> (landmarks [B, 136], conv_features [B, 7, 7, 512]).
@@ -164,23 +179,16 @@ class LoadedMobileFaceNet:
     pure function `net.module.apply(net.variables, x)` instead.
     """
 
-    def __init__(self, config: dict, variables: dict[str, Any]):
-        self.config = dict(config)
-        self.module = MobileFaceNet(embedding_size=int(config["embedding_size"]))
-        self.variables = jax.tree.map(jnp.asarray, variables)
-        self._landmarks = jax.jit(self.module.apply)
-        self._features = jax.jit(lambda v, x: self.module.apply(v, x, return_features=True))
+    CONFIG = MobileFaceNetConfig
 
     def __call__(self, x) -> jax.Array:
-        return self._landmarks(self.variables, jnp.asarray(x, jnp.float32))
+        return self._run(None, base.f32(x))
 
     def features(self, x) -> tuple[jax.Array, jax.Array]:
-        return self._features(self.variables, jnp.asarray(x, jnp.float32))
+        return self._run(None, base.f32(x), return_features=True)
 
 
-def from_weights(variables: dict, meta) -> LoadedMobileFaceNet:
-    """Loader for kind "mobilefacenet" (see `ifadit_jax.load`)."""
-    return LoadedMobileFaceNet(meta.config, variables)
+from_weights = LoadedMobileFaceNet.from_weights
 
 
 def load(path) -> LoadedMobileFaceNet:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax.errors import InputError
-from ifadit_jax.nets import irse
+from ifadit_jax.nets import base, irse
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -392,18 +392,36 @@ class Detection:
     onet_prob: np.ndarray
 
 
-class MTCNN:
+@base.netconfig
+class MTCNNConfig(base.NetConfig):
+    """What `ports/convert_mtcnn.py` infers: the output widths of each net's layers."""
+
+    KIND: ClassVar[str] = "mtcnn"
+    SCHEMA: ClassVar[dict] = {"pnet_widths": base.List(base.Int(), 3, 3),
+                              "rnet_widths": base.List(base.Int(), 4, 4),
+                              "onet_widths": base.List(base.Int(), 5, 5)}
+
+    pnet_widths: tuple[int, ...] = (10, 16, 32)
+    rnet_widths: tuple[int, ...] = (28, 48, 64, 128)
+    onet_widths: tuple[int, ...] = (32, 64, 64, 128, 256)
+
+    def module(self) -> MTCNNNets:
+        return MTCNNNets(self.pnet_widths, self.rnet_widths, self.onet_widths)
+
+    def init_inputs(self) -> tuple:
+        return tuple(base.spec(*x.shape) for x in init_inputs())
+
+
+class MTCNN(base.Loaded):
     """Loaded MTCNN: `detect(image)` plus the raw nets `pnet(x)`, `rnet(x)`, `onet(x)`.
 
     `module` (MTCNNNets) and `variables` stay reachable for use inside other jitted code.
     """
 
-    def __init__(self, variables: dict, config: dict):
-        self.config = dict(config)
-        self.module = MTCNNNets(pnet_widths=tuple(config["pnet_widths"]),
-                                rnet_widths=tuple(config["rnet_widths"]),
-                                onet_widths=tuple(config["onet_widths"]))
-        self.variables = jax.tree.map(jnp.asarray, variables)
+    CONFIG = MTCNNConfig
+
+    def __init__(self, config: Any, variables: dict, meta: Any = None):
+        super().__init__(config, variables, meta)
         apply = self.module.apply
         self._pnet = jax.jit(functools.partial(apply, method="run_pnet"))
         self._rnet = jax.jit(functools.partial(apply, method="run_rnet"))
@@ -457,6 +475,47 @@ class MTCNN:
             outs.append([np.asarray(o)[:len(chunk)] for o in fn(self.variables, padded)])
         return [np.concatenate(parts) for parts in zip(*outs)]
 
+    def _rnet_stage(self, integral: np.ndarray, boxes: np.ndarray, threshold: float):
+        """Stage 2, RNet on 24x24 crops: (rnet_reg, rnet_prob, refined squared boxes [N, 5])."""
+        height, width = integral.shape[0] - 1, integral.shape[1] - 1
+        rnet_reg, rnet_prob = np.zeros((0, 4), _F32), np.zeros((0, 2), _F32)
+        y0, y1, x0, x1, ok = crop_windows(boxes, width, height)
+        boxes = boxes[ok]
+        if len(boxes):
+            crops = normalize(area_resize(integral, y0[ok], y1[ok], x0[ok], x1[ok], 24, 24))
+            rnet_reg, rnet_prob = self._batched(self._rnet, crops)
+            keep = rnet_prob[:, 1] > _F32(threshold)
+            boxes = np.concatenate([boxes[keep, :4], rnet_prob[keep, 1:2]], axis=1)
+            reg = rnet_reg[keep]
+            pick = nms_iou(boxes[:, :4], boxes[:, 4], 0.7)
+            boxes = square(regress(boxes[pick], reg[pick], plus_one=True))
+        return rnet_reg, rnet_prob, boxes
+
+    def _onet_stage(self, integral: np.ndarray, boxes: np.ndarray, threshold: float):
+        """Stage 3, ONet on 48x48 crops, landmarks, final regression and "Min" NMS:
+        (onet_reg, onet_landmarks, onet_prob, boxes [N, 5], landmarks [N, 5, 2])."""
+        height, width = integral.shape[0] - 1, integral.shape[1] - 1
+        onet_reg, onet_landmarks, onet_prob = (np.zeros((0, 4), _F32), np.zeros((0, 10), _F32),
+                                               np.zeros((0, 2), _F32))
+        landmarks = np.zeros((0, 5, 2), _F32)
+        y0, y1, x0, x1, ok = crop_windows(boxes, width, height)
+        boxes = boxes[ok]
+        if len(boxes):
+            crops = normalize(area_resize(integral, y0[ok], y1[ok], x0[ok], x1[ok], 48, 48))
+            onet_reg, onet_landmarks, onet_prob = self._batched(self._onet, crops)
+            keep = onet_prob[:, 1] > _F32(threshold)
+            boxes = np.concatenate([boxes[keep, :4], onet_prob[keep, 1:2]], axis=1)
+            points = onet_landmarks[keep]
+            w = boxes[:, 2] - boxes[:, 0] + _F32(1)
+            h = boxes[:, 3] - boxes[:, 1] + _F32(1)
+            px = w[:, None] * points[:, :5] + boxes[:, 0:1] - _F32(1)
+            py = h[:, None] * points[:, 5:] + boxes[:, 1:2] - _F32(1)
+            landmarks = np.stack([px, py], axis=2)
+            boxes = regress(boxes, onet_reg[keep], plus_one=True)
+            pick = nms_min(boxes[:, :4], boxes[:, 4], 0.7)
+            boxes, landmarks = boxes[pick], landmarks[pick]
+        return onet_reg, onet_landmarks, onet_prob, boxes, landmarks
+
     def detect_stages(self, image, min_face_size: float = MIN_FACE_SIZE,
                       thresholds: Sequence[float] = THRESHOLDS, factor: float = FACTOR) -> Detection:
         """`detect` with its intermediates (see `Detection`)."""
@@ -483,40 +542,8 @@ class MTCNN:
                                 boxes[:, 4:5]], axis=1)
         boxes = square(boxes)
 
-        empty = np.zeros((0, 4), _F32), np.zeros((0, 2), _F32), np.zeros((0, 10), _F32)
-        rnet_reg, rnet_prob = empty[0], empty[1]
-        onet_reg, onet_landmarks, onet_prob = empty
-        landmarks = np.zeros((0, 5, 2), _F32)
-
-        # Stage 2: RNet on 24x24 crops.
-        y0, y1, x0, x1, ok = crop_windows(boxes, width, height)
-        boxes = boxes[ok]
-        if len(boxes):
-            crops = normalize(area_resize(integral, y0[ok], y1[ok], x0[ok], x1[ok], 24, 24))
-            rnet_reg, rnet_prob = self._batched(self._rnet, crops)
-            keep = rnet_prob[:, 1] > _F32(t_rnet)
-            boxes = np.concatenate([boxes[keep, :4], rnet_prob[keep, 1:2]], axis=1)
-            reg = rnet_reg[keep]
-            pick = nms_iou(boxes[:, :4], boxes[:, 4], 0.7)
-            boxes = square(regress(boxes[pick], reg[pick], plus_one=True))
-
-        # Stage 3: ONet on 48x48 crops, landmarks, final regression and "Min" NMS.
-        y0, y1, x0, x1, ok = crop_windows(boxes, width, height)
-        boxes = boxes[ok]
-        if len(boxes):
-            crops = normalize(area_resize(integral, y0[ok], y1[ok], x0[ok], x1[ok], 48, 48))
-            onet_reg, onet_landmarks, onet_prob = self._batched(self._onet, crops)
-            keep = onet_prob[:, 1] > _F32(t_onet)
-            boxes = np.concatenate([boxes[keep, :4], onet_prob[keep, 1:2]], axis=1)
-            points = onet_landmarks[keep]
-            w = boxes[:, 2] - boxes[:, 0] + _F32(1)
-            h = boxes[:, 3] - boxes[:, 1] + _F32(1)
-            px = w[:, None] * points[:, :5] + boxes[:, 0:1] - _F32(1)
-            py = h[:, None] * points[:, 5:] + boxes[:, 1:2] - _F32(1)
-            landmarks = np.stack([px, py], axis=2)
-            boxes = regress(boxes, onet_reg[keep], plus_one=True)
-            pick = nms_min(boxes[:, :4], boxes[:, 4], 0.7)
-            boxes, landmarks = boxes[pick], landmarks[pick]
+        rnet_reg, rnet_prob, boxes = self._rnet_stage(integral, boxes, t_rnet)
+        onet_reg, onet_landmarks, onet_prob, boxes, landmarks = self._onet_stage(integral, boxes, t_onet)
 
         # Official select_largest ordering.
         order = np.argsort((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[::-1]
@@ -537,6 +564,4 @@ def _check_image(image: Any) -> np.ndarray:
     return image
 
 
-def from_weights(variables: dict, meta) -> MTCNN:
-    """Loader for kind 'mtcnn' (see `ifadit_jax.weights.load`)."""
-    return MTCNN(variables, meta.config)
+from_weights = MTCNN.from_weights

@@ -33,16 +33,15 @@ params/style_{i}/linear/{weight [c, w_dim] (the official weight transposed, unsc
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ifadit_jax import weights
-from ifadit_jax.errors import InputError, WeightsError
-from ifadit_jax.nets import irse, resample
+from ifadit_jax.errors import InputError
+from ifadit_jax.nets import base, irse, resample, stylegan2
 
 TAPS = (6, 20, 23)  # body units feeding c1, c2, c3 (hard-coded in the official forward)
 
@@ -72,22 +71,6 @@ def to_encoder_range(x: jax.Array, input_range: Sequence[float]) -> jax.Array:
     return lo + (x + 1.0) * ((hi - lo) / 2.0)
 
 
-class EqualLinear(nn.Module):
-    """StyleGAN2 EqualLinear (lr_mul 1, no activation): x @ (weight / sqrt(in)) + bias.
-
-    The weight is kept unscaled, as the official parameter, so training sees the same
-    equalized-learning-rate parametrization.
-    """
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x):
-        w = self.param("weight", nn.initializers.normal(1.0), (x.shape[-1], self.features))
-        b = self.param("bias", nn.initializers.zeros, (self.features,))
-        return x @ (w * (1.0 / np.sqrt(x.shape[-1]))) + b
-
-
 class GradualStyleBlock(nn.Module):
     """[conv3x3/2 + LeakyReLU(0.01)] * n_convs down to 1x1, then EqualLinear(width, w_dim)."""
 
@@ -102,7 +85,9 @@ class GradualStyleBlock(nn.Module):
         if x.shape[1:3] != (1, 1):
             raise InputError(f"pSp encoder: a style block ended at {x.shape[1]}x{x.shape[2]}, not "
                              "1x1; the encoder takes 256x256 images")
-        return EqualLinear(self.w_dim, name="linear")(x.reshape(x.shape[0], self.width))
+        # pSp's EqualLinear(lr_mul=1) is StyleGAN2's; its parameter is called "weight" here.
+        return stylegan2.EqualDense(self.w_dim, kernel_name="weight", name="linear")(
+            x.reshape(x.shape[0], self.width))
 
 
 class GradualStyleEncoder(nn.Module):
@@ -149,12 +134,57 @@ class GradualStyleEncoder(nn.Module):
         return jnp.stack(codes, axis=1)
 
 
-def module_from_config(config: dict) -> GradualStyleEncoder:
-    return GradualStyleEncoder(widths=tuple(config["widths"]), style_width=int(config["style_width"]),
-                               w_dim=int(config["w_dim"]), n_styles=int(config["n_styles"]),
-                               in_channels=int(config["in_channels"]), se=bool(config["se"]),
-                               input_range=tuple(config["input_range"]),
-                               units=tuple(config.get("units", irse.STAGE_UNITS[50])))
+@base.netconfig
+class PSPEncoderConfig(base.NetConfig):
+    """What `ports/convert_psp.py` infers (see `GradualStyleEncoder` for the fields);
+    `start_from_latent_avg`: `wplus` adds the file's latent_avg (pSp's opts)."""
+
+    KIND: ClassVar[str] = "psp_encoder"
+    OPTIONAL: ClassVar[frozenset] = frozenset({"units", "start_from_latent_avg"})
+    SCHEMA: ClassVar[dict] = {
+        "in_channels": base.Int(1, 16), "widths": base.List(base.Int(), 4, 4),
+        "units": base.List(base.Int(1, base.MAX_DEPTH), 4, 4), "se": base.Bool(),
+        "n_styles": base.Int(1, 18), "style_width": base.Int(), "w_dim": base.Int(),
+        "input_range": base.List(base.Float(-1e3, 1e3), 2, 2), "start_from_latent_avg": base.Bool()}
+
+    widths: tuple[int, ...]
+    style_width: int
+    w_dim: int
+    n_styles: int
+    in_channels: int = 3
+    se: bool = True
+    input_range: tuple[float, ...] = SIGNED
+    units: tuple[int, ...] = irse.STAGE_UNITS[50]
+    start_from_latent_avg: bool = False
+
+    def check(self) -> None:
+        if not self.input_range[0] < self.input_range[1]:
+            raise base.ConfigError(f"config field 'input_range' must be [lo, hi] with lo < hi, "
+                                   f"got {list(self.input_range)}")
+
+    def module(self) -> GradualStyleEncoder:
+        return GradualStyleEncoder(widths=self.widths, style_width=self.style_width, w_dim=self.w_dim,
+                                   n_styles=self.n_styles, in_channels=self.in_channels, se=self.se,
+                                   input_range=self.input_range, units=self.units)
+
+    def init_inputs(self) -> tuple:
+        return (base.spec(1, 256, 256, self.in_channels),)
+
+    def optional_variables(self) -> dict:
+        if self.start_from_latent_avg:
+            return {}
+        return {"consts/latent_avg": base.spec(self.n_styles, self.w_dim)}
+
+    def variable_shapes(self) -> dict:
+        shapes = dict(super().variable_shapes())
+        if self.start_from_latent_avg:  # then the file must hold it
+            shapes["consts"] = {"latent_avg": base.spec(self.n_styles, self.w_dim)}
+        return shapes
+
+
+def module_from_config(config) -> GradualStyleEncoder:
+    """The module of a config (a `PSPEncoderConfig` or its JSON dict)."""
+    return base.parse_config(PSPEncoderConfig, config, "pSp encoder config").module()
 
 
 def init_from_irse50(psp_variables: dict, arcface_variables: dict,
@@ -183,36 +213,30 @@ def init_from_irse50(psp_variables: dict, arcface_variables: dict,
     return out
 
 
-class LoadedPSPEncoder:
+class LoadedPSPEncoder(base.Loaded):
     """A converted pSp encoder: `net(x)` -> W+ codes [B, n_styles, w_dim] for x [B, 256, 256, 3] in
     [-1, 1] (mapped to the weights' `input_range` inside), without latent_avg.
 
     `net.latent_avg`: [n_styles, w_dim] from the checkpoint, or None. `net.wplus(x)`: what pSp
     feeds its decoder, codes + latent_avg if the file says `start_from_latent_avg`, else codes.
-    Inside your own jit use the pure function `net.module.apply(net.variables, x)`.
+    Inside your own jit use the pure function `net.module.apply(net.variables, x)` (`variables`
+    holds no latent_avg: it is not the module's).
     """
 
-    def __init__(self, config: dict, variables: dict[str, Any]):
-        self.config = dict(config)
-        self.module = module_from_config(config)
-        variables = dict(variables)
-        consts = variables.pop("consts", {})
-        self.variables = jax.tree.map(jnp.asarray, variables)
-        self.latent_avg = jnp.asarray(consts["latent_avg"]) if "latent_avg" in consts else None
-        self.start_from_latent_avg = bool(config.get("start_from_latent_avg", False))
-        if self.start_from_latent_avg and self.latent_avg is None:
-            raise WeightsError("pSp encoder: start_from_latent_avg is set but the file has no "
-                               "latent_avg")
-        self._encode = jax.jit(self.module.apply)
+    CONFIG = PSPEncoderConfig
+
+    def __init__(self, config: Any, variables: dict[str, Any], meta: Any = None):
+        super().__init__(config, variables, meta)
+        consts = self.variables.pop("consts", {})
+        self.latent_avg = consts.get("latent_avg")
+        self.start_from_latent_avg = self.config.start_from_latent_avg
 
     def __call__(self, x) -> jax.Array:
-        return self._encode(self.variables, jnp.asarray(x, jnp.float32))
+        return self._run(None, base.f32(x))
 
     def wplus(self, x) -> jax.Array:
         codes = self(x)
         return codes + self.latent_avg if self.start_from_latent_avg else codes
 
 
-def from_weights(variables: dict, meta) -> LoadedPSPEncoder:
-    """Loader for kind "psp_encoder" (see `ifadit_jax.load`)."""
-    return LoadedPSPEncoder(meta.config, variables)
+from_weights = LoadedPSPEncoder.from_weights

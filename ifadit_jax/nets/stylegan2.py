@@ -27,10 +27,9 @@ next block's conv0), exactly as both official implementations index it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -38,16 +37,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifadit_jax.errors import InputError
-from ifadit_jax.nets import as_float
+from ifadit_jax.nets import as_float, base
 
 _SQRT2 = math.sqrt(2.0)
 _BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
 NOISE_MODES = ("const", "random", "none")
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
+_RESOLUTIONS = tuple(2 ** i for i in range(2, 11))  # 4 .. MAX_RESOLUTION
+
+
+@base.netconfig
+class Config(base.NetConfig):
     """Everything the converter infers from a checkpoint (widths are never hard-coded)."""
+
+    KIND: ClassVar[str] = "stylegan2"
+    OPTIONAL: ClassVar[frozenset] = frozenset({"flavor", "conv_clamp", "img_channels"})
+    SCHEMA: ClassVar[dict] = {
+        "resolution": base.Choice(_RESOLUTIONS), "z_dim": base.Int(), "w_dim": base.Int(),
+        "n_mapping": base.Int(1, base.MAX_DEPTH), "lr_mul": base.Float(1e-6, 1e3),
+        "channels": base.List(base.List(base.Int(), 2, 2), 1, len(_RESOLUTIONS)),
+        "flavor": base.Choice(("rosinality", "nvlabs")),
+        "conv_clamp": base.Float(0.0, 1e6, optional=True), "img_channels": base.Int(1, 4)}
 
     resolution: int = 256
     z_dim: int = 512
@@ -67,16 +78,17 @@ class Config:
     def n_noise(self) -> int:
         return 2 * int(math.log2(self.resolution)) - 3
 
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["channels"] = [list(c) for c in self.channels]
-        return d
+    def check(self) -> None:
+        want = [r for r in _RESOLUTIONS if r <= self.resolution]
+        if [r for r, _ in self.channels] != want:
+            raise base.ConfigError(f"config field 'channels' must list the resolutions {want} in "
+                                   f"order, got {[r for r, _ in self.channels]}")
 
-    @classmethod
-    def from_json(cls, d: dict) -> "Config":
-        d = dict(d)
-        d["channels"] = tuple((int(r), int(c)) for r, c in d["channels"])
-        return cls(**d)
+    def module(self) -> "Generator":
+        return Generator(self)
+
+    def init_inputs(self) -> tuple:
+        return (base.spec(1, self.z_dim),)
 
 
 def rosinality_channels(resolution: int, channel_multiplier: int = 2, divisor: int = 1):
@@ -168,16 +180,21 @@ def modulated_conv(x, weight, style, *, demodulate: bool, up: bool):
 
 
 class EqualDense(nn.Module):
-    """Linear layer with equalized learning rate: y = x @ (W * lr_mul / sqrt(in)) + b * lr_mul."""
+    """Linear layer with equalized learning rate: y = x @ (W * lr_mul / sqrt(in)) + b * lr_mul.
+
+    W is kept unscaled, as the official parameter, so training sees the same parametrization.
+    `kernel_name`: the parameter's name (pSp's EqualLinear calls it "weight").
+    """
 
     features: int
     lr_mul: float = 1.0
     bias_init: float = 0.0
+    kernel_name: str = "kernel"
 
     @nn.compact
     def __call__(self, x):
         fan_in = x.shape[-1]
-        kernel = self.param("kernel", lambda k, s: jax.random.normal(k, s) / self.lr_mul,
+        kernel = self.param(self.kernel_name, lambda k, s: jax.random.normal(k, s) / self.lr_mul,
                             (fan_in, self.features))
         bias = self.param("bias", nn.initializers.constant(self.bias_init), (self.features,))
         return x @ (kernel * (self.lr_mul / math.sqrt(fan_in))) + bias * self.lr_mul
@@ -347,7 +364,7 @@ def _as_noise(noise, n_noise: int):
     return tuple(out)
 
 
-class StyleGAN2:
+class StyleGAN2(base.Loaded):
     """A loaded generator. Calls are jitted; the pure functions stay reachable through
     `module.apply(variables, ..., method="map" | "synthesize")` for use inside other jits.
 
@@ -355,10 +372,10 @@ class StyleGAN2:
     `latent_avg` ([w_dim], the checkpoint's average latent, used when truncating).
     """
 
-    def __init__(self, config: Config, variables: dict):
-        self.config = config
-        self.module = Generator(config)
-        self.variables = variables
+    CONFIG = Config
+
+    def __init__(self, config: Config, variables: dict, meta=None):
+        super().__init__(config, variables, meta)
         self._map = jax.jit(functools.partial(self.module.apply, method="map"))
         self._synth = jax.jit(functools.partial(self.module.apply, method="synthesize"),
                               static_argnames=("noise_mode",))
@@ -434,17 +451,14 @@ def random_generator(config: Config, seed: int = 0) -> StyleGAN2:
 
 def variable_shapes(config: Config) -> dict:
     """`jax.eval_shape` of the module's variables: what a converter must produce."""
-    return jax.eval_shape(lambda: Generator(config).init(
-        {"params": jax.random.key(0)}, jnp.zeros((1, config.z_dim))))
+    return config.variable_shapes()
 
 
-def from_weights(variables: dict, meta) -> StyleGAN2:
-    return StyleGAN2(Config.from_json(meta.config), variables)
+from_weights = StyleGAN2.from_weights
 
 
 def load(path) -> StyleGAN2:
     """Loads a converted generator (see ports/convert_stylegan2.py)."""
     from ifadit_jax import weights
 
-    variables, meta = weights.read(path, kind="stylegan2")
-    return from_weights(variables, meta)
+    return from_weights(*weights.read(path, kind="stylegan2"))
