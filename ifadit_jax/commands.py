@@ -270,10 +270,25 @@ def load_detector(weights_dir: str, detector_path: str | None = None):
     return weights.loader("mtcnn")(variables, meta)
 
 
+def _check_key_vector_header(path: str) -> None:
+    """Refuses a .npy whose header asks for anything but [512] or [1, 512] floats, before any
+    array is allocated from it."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"npy version {version}")
+        shape, _, dtype = read_header(f)
+    if shape not in ((512,), (1, 512)) or dtype.kind != "f" or dtype.itemsize > 8:
+        raise InputError(f"{path}: key vector must be [512] finite floats")
+
+
 def _vector_key(pipe, path: str) -> Key:
     try:
         if os.path.getsize(path) > MAX_KEY_VECTOR_BYTES:
             raise InputError(f"{path}: a key vector file is at most {MAX_KEY_VECTOR_BYTES} bytes")
+        _check_key_vector_header(path)  # np.load allocates what the header says
         u = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise InputError(f"cannot read the key vector {path}: {type(e).__name__}") from None

@@ -468,3 +468,23 @@ def test_recover_cli_refuses_a_sidecar_of_another_image_before_loading(tmp_path)
     assert proc.returncode == InputError.exit_code
     assert proc.stderr.strip().splitlines() == [
         f"error: {src}.json: size: records 512x512 but the image is 256x256 (a sidecar of another image?)"]
+
+
+def test_key_vector_header_is_checked_before_any_allocation(tmp_path, weights_dir):
+    """A 100-byte .npy whose header claims 10^9 floats (4 GB) is refused from its header; a
+    good [512] vector is the official key path k = f(u)."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False,
+                                               "shape": (10 ** 9,)})
+    (tmp_path / "evil.npy").write_bytes(buf.getvalue() + b"\0" * 64)
+    np.save(tmp_path / "u.npy", np.full(512, 0.75, np.float32))
+    face = aligned_face(tmp_path / "face.png")
+    with pytest.raises(InputError, match=r"evil.npy: key vector must be \[512\]"):
+        anon(face, tmp_path / "a.png", "--weights", weights_dir, "--aligned", "--key-vector",
+             tmp_path / "evil.npy")
+    assert not (tmp_path / "a.png").exists()
+    assert anon(face, tmp_path / "b.png", "--weights", weights_dir, "--aligned", "--key-vector",
+                tmp_path / "u.npy") == 0
+    assert sidecar.read(str(tmp_path / "b.png.json")).key == {"path": "vector"}

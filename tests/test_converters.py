@@ -297,8 +297,8 @@ HOSTILE = {
     # 13 levels would ask the noise fallback for 32768^2 values.
     "13 levels": ("convert_stylegan2.py", _rosinality_levels(13), "resolution = 32768"),
     "mapper in_features": ("convert_ifadit.py mapper", _mapper(5000), "in_features = 5000"),
-    "nvlabs without state": ("convert_stylegan2.py", _nvlabs(None), "'state'"),
-    "nvlabs state not a dict": ("convert_stylegan2.py", _nvlabs([1, 2]), "'state'"),
+    "nvlabs without state": ("convert_stylegan2.py", _nvlabs(None), "state"),
+    "nvlabs state not a dict": ("convert_stylegan2.py", _nvlabs([1, 2]), "state"),
     "nvlabs without tensors": ("convert_stylegan2.py",
                                _nvlabs({"_modules": {"synthesis": _SYNTH}, "img_resolution": 4,
                                         "z_dim": 8, "w_dim": 8, "img_channels": 3}), ""),

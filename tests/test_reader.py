@@ -47,7 +47,11 @@ class _StorageRef:
 def _register(fn):
     import sys
     import types
+    for name in (fn.__module__, *_parents(fn.__module__)):
+        if name not in sys.modules:
+            _ADDED.append(name)
     mod = sys.modules.setdefault(fn.__module__, types.ModuleType(fn.__module__))
+    _REPLACED.append((mod, fn.__name__, getattr(mod, fn.__name__, _MISSING)))
     setattr(mod, fn.__name__, fn)
     parent, _, child = fn.__module__.rpartition(".")
     while parent:
@@ -55,6 +59,34 @@ def _register(fn):
         setattr(pm, child, sys.modules[f"{parent}.{child}"])
         parent, _, child = parent.rpartition(".")
     return fn
+
+
+def _parents(module: str):
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+_ADDED: list[str] = []  # fake modules this test module put into sys.modules
+_REPLACED: list = []  # (module, name, previous value) of every attribute it set
+_MISSING = object()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_fake_modules():
+    """A fake `torch` left in sys.modules would fool later `import torch` checks in the same
+    worker (tensorboardX's, for one), and a replaced numpy function would break later pickles."""
+    import sys
+
+    yield
+    for mod, name, old in reversed(_REPLACED):
+        if old is _MISSING:
+            delattr(mod, name)
+        else:
+            setattr(mod, name, old)
+    for name in _ADDED:
+        sys.modules.pop(name, None)
+    _ADDED.clear()
+    _REPLACED.clear()
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,10 @@ COMMANDS = {c: e for c, e in [
      Entry("anonymize", needs=("release", "mtcnn_weights"), writes=("anon.png", "anon.png.json"))),
     ("python -m ifadit_jax.recover anon.png recovered.png --weights weights/ --secret-file my.secret",
      Entry("recover", needs=("anonymize",), writes=("recovered.png",))),
+    ("python -m ifadit_jax.anonymize clip.mp4 out.mkv --weights weights/ --secret-file my.secret",
+     Entry("anonymize_video", needs=("release", "mtcnn_weights"), writes=("out.mkv", "out.mkv.json"))),
+    ("python -m ifadit_jax.recover out.mkv recovered.mkv --weights weights/ --secret-file my.secret",
+     Entry("recover_video", needs=("anonymize_video",), writes=("recovered.mkv",))),
     # ---------------------------------------------------------------- converters
     ("python ports/convert_ifadit.py release official/ weights/",
      Entry("release", writes=("weights/manifest.json", "weights/stylegan2.safetensors"))),
@@ -282,6 +286,21 @@ def _make_datasets(root: Path) -> None:
     Image.fromarray(_photo()[20:270, 90:340]).save(person / "Eileen_Collins_0001.jpg", quality=95)
 
 
+def _make_clip(path: Path) -> None:
+    """Six H.264 frames panning over the photo's face (the video README's clip.mp4)."""
+    import av
+
+    photo = _photo()
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.height, stream.width, stream.pix_fmt = 96, 128, "yuv420p"
+        for i in range(6):
+            crop = photo[10:310, 40 + 8 * i:440 + 8 * i]
+            frame = np.asarray(Image.fromarray(crop).resize((128, 96), Image.BILINEAR))
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+
+
 def _make_sandbox(root: Path) -> None:
     for rel, src in FILES.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +310,7 @@ def _make_sandbox(root: Path) -> None:
     for folder in ("single", "results", "out", "runs"):
         (root / folder).mkdir()
     Image.fromarray(_photo()).save(root / "photo.jpg", quality=95)
+    _make_clip(root / "clip.mp4")
     (root / "my.secret").write_text("correct horse battery staple\n")
     _make_datasets(root)
 
