@@ -13,17 +13,12 @@ from PIL import Image
 
 from ifadit_jax import commands, imageio, keys, sidecar
 from ifadit_jax.errors import InputError, NoFaceError, SecretError, WeightsError
-from tests.helpers import ROOT, fixture, run_cli, small_weights_folder
+from tests.helpers import ROOT, fixture, run_cli
 
 SECRET = "tr0ub4dor&3-unique-marker"
 # Fast KDF for tests: Argon2id's minimum useful cost; the CLI default is >= 50 ms.
 FAST_KDF = ["--kdf-memory-kib", "64", "--kdf-iterations", "1"]
 CLI_ENV = {"IFADIT_JAX_CACHE_DIR": os.path.join("/tmp", "ifadit-jax-jit-cache")}
-
-
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    return small_weights_folder(tmp_path_factory.mktemp("faces"))
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +52,10 @@ def rec(*args):
     return commands.recover_main([str(a) for a in args] + ["--quiet"])
 
 
-def test_aligned_round_trip_and_sidecar_holds_no_names(tmp_path, weights_dir, secret_file):
+def test_aligned_round_trip_and_sidecar_holds_no_names(tmp_path, release_weights, secret_file):
     src = aligned_face(tmp_path / "Tom_Hanks_54745.png")
     out, back = tmp_path / "anon.png", tmp_path / "rec.png"
-    assert anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF) == 0
+    assert anon(src, out, "--weights", release_weights, "--aligned", "--secret-file", secret_file, *FAST_KDF) == 0
     text = (tmp_path / "anon.png.json").read_text()
     side = json.loads(text)
     assert sorted(side) == sorted(["format", "conventions", "weights_id", "key", "refine", "mode",
@@ -68,7 +63,7 @@ def test_aligned_round_trip_and_sidecar_holds_no_names(tmp_path, weights_dir, se
     assert "Tom_Hanks" not in text and str(tmp_path) not in text
     assert side["mode"] == "aligned" and side["key"]["path"] == "kdf" and side["faces"] == []
     assert side["key"]["kdf"]["memory_cost"] == 64 and "check" not in side["key"]
-    assert rec(out, back, "--weights", weights_dir, "--secret-file", secret_file) == 0
+    assert rec(out, back, "--weights", release_weights, "--secret-file", secret_file) == 0
     back_side = json.loads((tmp_path / "rec.png.json").read_text())
     assert sorted(back_side) == ["format", "mode", "weights_id"]
     a, b, c = (imageio.read_rgb(p) for p in (src, out, back))
@@ -77,16 +72,16 @@ def test_aligned_round_trip_and_sidecar_holds_no_names(tmp_path, weights_dir, se
     # The recovered image is what the pipeline gives for the anonymized file and the same key.
     from ifadit_jax import pipeline
 
-    pipe = pipeline.load(weights_dir)
+    pipe = pipeline.load(release_weights)
     k = pipe.key_from_secret(SECRET.encode(), keys.KdfParams.from_dict(side["key"]["kdf"]))
     want, _ = pipe.recover(b[None], k)
     assert np.abs(imageio.to_uint8(want[0]).astype(int) - imageio.to_uint8(c).astype(int)).max() <= 1
 
 
-def test_photo_mode_detects_aligns_and_pastes_back(tmp_path, weights_dir, secret_file):
+def test_photo_mode_detects_aligns_and_pastes_back(tmp_path, release_weights, secret_file):
     photo = fixture("mtcnn_images/astronaut.png")
     out = tmp_path / "anon.png"
-    assert anon(photo, out, "--weights", weights_dir, "--secret-file", secret_file, *FAST_KDF) == 0
+    assert anon(photo, out, "--weights", release_weights, "--secret-file", secret_file, *FAST_KDF) == 0
     side = json.loads((tmp_path / "anon.png.json").read_text())
     assert side["mode"] == "photo" and len(side["faces"]) == 1
     assert sorted(side["faces"][0]) == ["box", "transform"]
@@ -102,15 +97,15 @@ def test_photo_mode_detects_aligns_and_pastes_back(tmp_path, weights_dir, secret
     assert changed[int(box[1]):int(box[3]), int(box[0]):int(box[2])].mean() > 0.3
     assert not changed[:, :100].any() and not changed[400:].any()
     back = tmp_path / "rec.png"
-    assert rec(out, back, "--weights", weights_dir, "--secret-file", secret_file) == 0
+    assert rec(out, back, "--weights", release_weights, "--secret-file", secret_file) == 0
     assert imageio.read_rgb(back).shape == a.shape
     # A face smaller than --min-face-size is not a face.
     with pytest.raises(NoFaceError):
-        anon(photo, tmp_path / "none.png", "--weights", weights_dir, "--secret-file", secret_file,
+        anon(photo, tmp_path / "none.png", "--weights", release_weights, "--secret-file", secret_file,
              "--min-face-size", "400", *FAST_KDF)
 
 
-def test_folder_mirrors_the_tree_resumes_and_cleans_up(tmp_path, weights_dir, secret_file):
+def test_folder_mirrors_the_tree_resumes_and_cleans_up(tmp_path, release_weights, secret_file):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     aligned_face(src / "a.png", 1)
@@ -118,7 +113,7 @@ def test_folder_mirrors_the_tree_resumes_and_cleans_up(tmp_path, weights_dir, se
     aligned_face(src / ".tmp-ifadit-partial.png", 3)  # a killed run's leftover: never an input
     (src / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    assert anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file,
+    assert anon(src, out, "--weights", release_weights, "--aligned", "--secret-file", secret_file,
                 "--batch", "2", *FAST_KDF) == 0
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
         "a.png", "a.png.json", "sub", "sub/b.png", "sub/b.png.json"]
@@ -127,16 +122,16 @@ def test_folder_mirrors_the_tree_resumes_and_cleans_up(tmp_path, weights_dir, se
     before = (out / "a.png").stat().st_mtime_ns
     (out / ".tmp-ifadit-killed.png").write_bytes(b"partial")
     # A second run skips finished outputs (resumable), leaves them alone, removes leftovers.
-    assert anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF) == 0
+    assert anon(src, out, "--weights", release_weights, "--aligned", "--secret-file", secret_file, *FAST_KDF) == 0
     assert (out / "a.png").stat().st_mtime_ns == before
     assert not (out / ".tmp-ifadit-killed.png").exists()
     # Other KDF settings or another secret (with key checks) must not be mixed into the folder.
     with pytest.raises(InputError, match="other key settings"):
-        anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file,
+        anon(src, out, "--weights", release_weights, "--aligned", "--secret-file", secret_file,
              "--kdf-memory-kib", "128", "--kdf-iterations", "1")
     back = tmp_path / "back"
     os.unlink(out / "sub" / "b.png.json")  # one bad item: listed, the others recovered
-    assert rec(out, back, "--weights", weights_dir, "--secret-file", secret_file) == InputError.exit_code
+    assert rec(out, back, "--weights", release_weights, "--secret-file", secret_file) == InputError.exit_code
     assert (back / "a.png").exists() and not (back / "sub" / "b.png").exists()
 
 
@@ -146,23 +141,23 @@ def _umask():
     return m
 
 
-def test_key_check_says_wrong_secret_and_guards_a_resumed_folder(tmp_path, weights_dir, secret_file,
+def test_key_check_says_wrong_secret_and_guards_a_resumed_folder(tmp_path, release_weights, secret_file,
                                                                  other_secret):
     src = tmp_path / "in"
     src.mkdir()
     aligned_face(src / "a.png", 1)
     out = tmp_path / "out"
-    assert anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file,
+    assert anon(src, out, "--weights", release_weights, "--aligned", "--secret-file", secret_file,
                 "--key-check", *FAST_KDF) == 0
     check = json.loads((out / "a.png.json").read_text())["key"]["check"]
     assert len(check) == 16 and SECRET not in check
     aligned_face(src / "b.png", 2)
     with pytest.raises(SecretError, match="different secret"):
-        anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", other_secret,
+        anon(src, out, "--weights", release_weights, "--aligned", "--secret-file", other_secret,
              "--key-check", *FAST_KDF)
     assert not (out / "b.png").exists()
     with pytest.raises(SecretError, match="wrong secret"):
-        rec(out / "a.png", tmp_path / "r.png", "--weights", weights_dir, "--secret-file", other_secret)
+        rec(out / "a.png", tmp_path / "r.png", "--weights", release_weights, "--secret-file", other_secret)
     assert not (tmp_path / "r.png").exists()
 
 
@@ -175,7 +170,7 @@ def _save(path, array, mode=None):
     ("text", "cannot read image"),
     ("wrong_size", "aligned input must be 256x256"),
 ])
-def test_bad_images_are_refused_and_nothing_is_written(tmp_path, weights_dir, secret_file, case, error):
+def test_bad_images_are_refused_and_nothing_is_written(tmp_path, release_weights, secret_file, case, error):
     src = tmp_path / "in.png"
     if case == "text":
         src.write_text("hello")
@@ -184,73 +179,73 @@ def test_bad_images_are_refused_and_nothing_is_written(tmp_path, weights_dir, se
     original = src.read_bytes()
     out = tmp_path / "out.png"
     with pytest.raises(InputError, match=error):
-        anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF)
+        anon(src, out, "--weights", release_weights, "--aligned", "--secret-file", secret_file, *FAST_KDF)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
     assert src.read_bytes() == original
 
 
-def test_grayscale_with_alpha_keeps_its_kind(tmp_path, weights_dir, secret_file):
+def test_grayscale_with_alpha_keeps_its_kind(tmp_path, release_weights, secret_file):
     rgb = np.asarray(Image.open(aligned_face(tmp_path / "rgb.png")).convert("L"))
     alpha = np.tile(np.arange(256, dtype=np.uint8), (256, 1))
     src = tmp_path / "la.png"
     Image.merge("LA", (Image.fromarray(rgb), Image.fromarray(alpha))).save(src)
     out = tmp_path / "out.png"
-    assert anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF) == 0
+    assert anon(src, out, "--weights", release_weights, "--aligned", "--secret-file", secret_file, *FAST_KDF) == 0
     with Image.open(out) as im:
         assert im.mode == "LA"
         np.testing.assert_array_equal(np.asarray(im.getchannel("A")), alpha)
 
 
-def test_no_face_policy_and_tiny_photo(tmp_path, weights_dir, secret_file):
+def test_no_face_policy_and_tiny_photo(tmp_path, release_weights, secret_file):
     gray = _save(tmp_path / "gray.png", np.full((300, 300, 3), 128, np.uint8))
     with pytest.raises(NoFaceError, match="no face found"):
-        anon(gray, tmp_path / "o.png", "--weights", weights_dir, "--secret-file", secret_file, *FAST_KDF)
-    assert anon(gray, tmp_path / "skip.png", "--weights", weights_dir, "--secret-file", secret_file,
+        anon(gray, tmp_path / "o.png", "--weights", release_weights, "--secret-file", secret_file, *FAST_KDF)
+    assert anon(gray, tmp_path / "skip.png", "--weights", release_weights, "--secret-file", secret_file,
                 "--no-face", "skip", *FAST_KDF) == 0
     assert not (tmp_path / "skip.png").exists()
-    assert anon(gray, tmp_path / "copy.png", "--weights", weights_dir, "--secret-file", secret_file,
+    assert anon(gray, tmp_path / "copy.png", "--weights", release_weights, "--secret-file", secret_file,
                 "--no-face", "copy", *FAST_KDF) == 0
     np.testing.assert_array_equal(imageio.read_rgb(tmp_path / "copy.png"), imageio.read_rgb(gray))
     assert json.loads((tmp_path / "copy.png.json").read_text())["faces"] == []
     tiny = _save(tmp_path / "tiny.png", np.full((10, 10, 3), 128, np.uint8))
     with pytest.raises(InputError, match="smaller than"):
-        anon(tiny, tmp_path / "o.png", "--weights", weights_dir, "--secret-file", secret_file, *FAST_KDF)
+        anon(tiny, tmp_path / "o.png", "--weights", release_weights, "--secret-file", secret_file, *FAST_KDF)
     assert not (tmp_path / "o.png").exists()
 
 
-def test_empty_secret_and_secret_on_argv(tmp_path, weights_dir):
+def test_empty_secret_and_secret_on_argv(tmp_path, release_weights):
     src = aligned_face(tmp_path / "face.png")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(SecretError, match="empty"):
-        anon(src, tmp_path / "o.png", "--weights", weights_dir, "--aligned", "--secret-file", empty, *FAST_KDF)
+        anon(src, tmp_path / "o.png", "--weights", release_weights, "--aligned", "--secret-file", empty, *FAST_KDF)
     with pytest.raises(SecretError, match="command line"):
-        anon(src, tmp_path / "o.png", "--weights", weights_dir, "--aligned", "--secret", SECRET)
+        anon(src, tmp_path / "o.png", "--weights", release_weights, "--aligned", "--secret", SECRET)
     assert not (tmp_path / "o.png").exists()
 
 
-def test_force_replaces_only_our_outputs(tmp_path, weights_dir, secret_file):
+def test_force_replaces_only_our_outputs(tmp_path, release_weights, secret_file):
     src = aligned_face(tmp_path / "face.png")
     out = tmp_path / "out.png"
     out.write_bytes(b"keep me")
     for force in ([], ["--force"]):
         with pytest.raises(InputError, match="not written by ifadit-jax"):
-            anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *force, *FAST_KDF)
+            anon(src, out, "--weights", release_weights, "--aligned", "--secret-file", secret_file, *force, *FAST_KDF)
     assert out.read_bytes() == b"keep me"
     ours = tmp_path / "ours.png"
-    assert anon(src, ours, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF) == 0
+    assert anon(src, ours, "--weights", release_weights, "--aligned", "--secret-file", secret_file, *FAST_KDF) == 0
     with pytest.raises(InputError, match="--force"):
-        anon(src, ours, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF)
-    assert anon(src, ours, "--weights", weights_dir, "--aligned", "--secret-file", secret_file,
+        anon(src, ours, "--weights", release_weights, "--aligned", "--secret-file", secret_file, *FAST_KDF)
+    assert anon(src, ours, "--weights", release_weights, "--aligned", "--secret-file", secret_file,
                 "--force", *FAST_KDF) == 0
 
 
-def test_paths_are_compared_after_resolving_symlinks(tmp_path, weights_dir, secret_file):
+def test_paths_are_compared_after_resolving_symlinks(tmp_path, release_weights, secret_file):
     photos = tmp_path / "photos"
     photos.mkdir()
     aligned_face(photos / "a.png", 1)
     original = (photos / "a.png").read_bytes()
-    args = ("--weights", weights_dir, "--aligned", "--secret-file", secret_file, "--force", *FAST_KDF)
+    args = ("--weights", release_weights, "--aligned", "--secret-file", secret_file, "--force", *FAST_KDF)
     os.symlink(photos, tmp_path / "link")
     with pytest.raises(InputError, match="must not be the input folder"):
         anon(photos, tmp_path / "link", *args)
@@ -263,13 +258,13 @@ def test_paths_are_compared_after_resolving_symlinks(tmp_path, weights_dir, secr
     assert sorted(p.name for p in photos.iterdir()) == ["a.png"]
 
 
-def test_same_stem_collisions_are_listed_up_front(tmp_path, weights_dir, secret_file):
+def test_same_stem_collisions_are_listed_up_front(tmp_path, release_weights, secret_file):
     src = tmp_path / "in"
     src.mkdir()
     aligned_face(src / "a.jpg", 1)
     aligned_face(src / "a.png", 2)
     with pytest.raises(InputError, match="written twice") as e:
-        anon(src, tmp_path / "out", "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF)
+        anon(src, tmp_path / "out", "--weights", release_weights, "--aligned", "--secret-file", secret_file, *FAST_KDF)
     assert "a.jpg" in str(e.value) and "a.png" in str(e.value)
     assert not (tmp_path / "out").exists()
 
@@ -280,41 +275,41 @@ def test_same_stem_collisions_are_listed_up_front(tmp_path, weights_dir, secret_
     (lambda s: s.update(source="Tom_Hanks.png"), "unknown field"),
     (lambda s: s.update(refine="yes"), "refine"),
 ])
-def test_recover_refuses_a_bad_sidecar_before_any_network_runs(tmp_path, weights_dir, secret_file, edit, field):
+def test_recover_refuses_a_bad_sidecar_before_any_network_runs(tmp_path, release_weights, secret_file, edit, field):
     src = aligned_face(tmp_path / "face.png")
     out = tmp_path / "anon.png"
-    assert anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF) == 0
+    assert anon(src, out, "--weights", release_weights, "--aligned", "--secret-file", secret_file, *FAST_KDF) == 0
     side = json.loads((tmp_path / "anon.png.json").read_text())
     edit(side)
     (tmp_path / "anon.png.json").write_text(json.dumps(side))
     with pytest.raises(sidecar.SidecarError, match=field):
-        rec(out, tmp_path / "rec.png", "--weights", weights_dir, "--secret-file", secret_file)
+        rec(out, tmp_path / "rec.png", "--weights", release_weights, "--secret-file", secret_file)
     assert not (tmp_path / "rec.png").exists()
 
 
-def test_recover_refuses_a_fifo_sidecar_without_blocking(tmp_path, weights_dir, secret_file):
+def test_recover_refuses_a_fifo_sidecar_without_blocking(tmp_path, release_weights, secret_file):
     src = aligned_face(tmp_path / "anon.png")
     os.mkfifo(tmp_path / "anon.png.json")
     with pytest.raises(sidecar.SidecarError, match="not a regular file"):
-        rec(src, tmp_path / "rec.png", "--weights", weights_dir, "--secret-file", secret_file)
+        rec(src, tmp_path / "rec.png", "--weights", release_weights, "--secret-file", secret_file)
     os.unlink(tmp_path / "anon.png.json")
     os.symlink("/dev/zero", tmp_path / "anon.png.json")
     with pytest.raises(sidecar.SidecarError, match="not a regular file"):
-        rec(src, tmp_path / "rec.png", "--weights", weights_dir, "--secret-file", secret_file)
+        rec(src, tmp_path / "rec.png", "--weights", release_weights, "--secret-file", secret_file)
 
 
-def test_recover_has_no_aligned_flag(tmp_path, weights_dir, secret_file):
+def test_recover_has_no_aligned_flag(tmp_path, release_weights, secret_file):
     """The mode comes from each sidecar; `--aligned` is refused, not silently ignored."""
     with pytest.raises(SystemExit) as e:
-        rec(tmp_path / "a.png", tmp_path / "b.png", "--weights", weights_dir, "--aligned",
+        rec(tmp_path / "a.png", tmp_path / "b.png", "--weights", release_weights, "--aligned",
             "--secret-file", secret_file)
     assert e.value.code == 2
 
 
-def test_missing_detector_weights(tmp_path, weights_dir, secret_file):
+def test_missing_detector_weights(tmp_path, release_weights, secret_file):
     partial = tmp_path / "w"
     partial.mkdir()
-    for f in weights_dir.iterdir():
+    for f in release_weights.iterdir():
         if f.name != "mtcnn.safetensors":
             os.symlink(f, partial / f.name)
     with pytest.raises(WeightsError, match="convert_mtcnn.py"):
@@ -322,7 +317,7 @@ def test_missing_detector_weights(tmp_path, weights_dir, secret_file):
              "--secret-file", secret_file, *FAST_KDF)
 
 
-def test_cli_one_line_exit_codes_and_no_secret_anywhere(tmp_path, weights_dir):
+def test_cli_one_line_exit_codes_and_no_secret_anywhere(tmp_path, release_weights):
     """Through the real command line: the secret from an environment variable never appears in
     stdout, stderr or any file written; success prints the output path; a lossy output warns;
     bad input is one line with its own exit code."""
@@ -330,12 +325,12 @@ def test_cli_one_line_exit_codes_and_no_secret_anywhere(tmp_path, weights_dir):
     out = tmp_path / "out" / "anon.jpg"
     out.parent.mkdir()
     env = {"IFADIT_SECRET": SECRET, **CLI_ENV}
-    proc = run_cli("-m", "ifadit_jax.anonymize", str(src), str(out), "--weights", str(weights_dir),
+    proc = run_cli("-m", "ifadit_jax.anonymize", str(src), str(out), "--weights", str(release_weights),
                    "--aligned", "--secret-env", "IFADIT_SECRET", *FAST_KDF, env=env)
     assert proc.stdout.strip() == str(out)
     assert "lossy" in proc.stderr and "recovery" in proc.stderr
     back = tmp_path / "out" / "rec.png"
-    proc2 = run_cli("-m", "ifadit_jax.recover", str(out), str(back), "--weights", str(weights_dir),
+    proc2 = run_cli("-m", "ifadit_jax.recover", str(out), str(back), "--weights", str(release_weights),
                     "--secret-env", "IFADIT_SECRET", "--quiet", env=env)
     assert proc2.stdout == "" and back.exists()
     for text in (proc.stdout, proc.stderr, proc2.stdout, proc2.stderr):
@@ -347,7 +342,7 @@ def test_cli_one_line_exit_codes_and_no_secret_anywhere(tmp_path, weights_dir):
     _save(folder / "gray.png", np.full((300, 300, 3), 128, np.uint8))
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     bad = run_cli("-m", "ifadit_jax.anonymize", str(folder), str(tmp_path / "x"), "--weights",
-                  str(weights_dir), "--secret-env", "IFADIT_SECRET", *FAST_KDF, env=env, check=False)
+                  str(release_weights), "--secret-env", "IFADIT_SECRET", *FAST_KDF, env=env, check=False)
     assert bad.returncode == InputError.exit_code, bad.stderr
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
@@ -375,13 +370,13 @@ def test_refused_before_anything_loads(tmp_path, extra, env, code, text):
     assert SECRET not in proc.stderr and not (tmp_path / "o.png").exists()
 
 
-def test_non_utf8_secret_env_is_one_line(tmp_path, weights_dir):
+def test_non_utf8_secret_env_is_one_line(tmp_path, release_weights):
     src = aligned_face(tmp_path / "face.png")
     env = dict(os.environ, JAX_PLATFORMS="cpu", **CLI_ENV)
     envb = {k.encode(): v.encode() for k, v in env.items()}
     envb[b"IFADIT_SECRET"] = b"\xff\xfesecret"
     proc = subprocess.run([sys.executable, "-m", "ifadit_jax.anonymize", str(src), str(tmp_path / "o.png"),
-                           "--weights", str(weights_dir), "--aligned", "--secret-env", "IFADIT_SECRET",
+                           "--weights", str(release_weights), "--aligned", "--secret-env", "IFADIT_SECRET",
                            *FAST_KDF], cwd=ROOT, env=envb, capture_output=True, text=True, timeout=600)
     assert proc.returncode == SecretError.exit_code
     assert proc.stderr.strip().splitlines() == ["error: the environment variable IFADIT_SECRET is not valid UTF-8"]
@@ -396,7 +391,7 @@ def test_version_and_help(tmp_path):
         assert flag in proc.stdout
 
 
-def test_output_reaching_into_the_input_through_a_symlinked_folder(tmp_path, weights_dir, secret_file):
+def test_output_reaching_into_the_input_through_a_symlinked_folder(tmp_path, release_weights, secret_file):
     photos = tmp_path / "photos"
     (photos / "sub").mkdir(parents=True)
     aligned_face(photos / "sub" / "a.png", 1)
@@ -404,7 +399,7 @@ def test_output_reaching_into_the_input_through_a_symlinked_folder(tmp_path, wei
     out.mkdir()
     os.symlink(photos, out / "sub")  # out/sub/a.png -> photos/a.png, inside the input tree
     with pytest.raises(InputError, match="inside the input folder"):
-        anon(photos, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF)
+        anon(photos, out, "--weights", release_weights, "--aligned", "--secret-file", secret_file, *FAST_KDF)
     assert sorted(p.name for p in photos.rglob("*")) == ["a.png", "sub"]
 
 
@@ -442,18 +437,18 @@ def test_output_problems_are_found_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "new").exists()
 
 
-def test_resumed_folder_refuses_other_weights(tmp_path, weights_dir, secret_file):
+def test_resumed_folder_refuses_other_weights(tmp_path, release_weights, secret_file):
     src = tmp_path / "in"
     src.mkdir()
     aligned_face(src / "a.png", 1)
     out = tmp_path / "out"
-    assert anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF) == 0
+    assert anon(src, out, "--weights", release_weights, "--aligned", "--secret-file", secret_file, *FAST_KDF) == 0
     side = json.loads((out / "a.png.json").read_text())
     side["weights_id"] = "0" * 16
     (out / "a.png.json").write_text(json.dumps(side))
     aligned_face(src / "b.png", 2)
     with pytest.raises(InputError, match="other weights"):
-        anon(src, out, "--weights", weights_dir, "--aligned", "--secret-file", secret_file, *FAST_KDF)
+        anon(src, out, "--weights", release_weights, "--aligned", "--secret-file", secret_file, *FAST_KDF)
     assert not (out / "b.png").exists()
 
 
@@ -470,7 +465,7 @@ def test_recover_cli_refuses_a_sidecar_of_another_image_before_loading(tmp_path)
         f"error: {src}.json: size: records 512x512 but the image is 256x256 (a sidecar of another image?)"]
 
 
-def test_key_vector_header_is_checked_before_any_allocation(tmp_path, weights_dir):
+def test_key_vector_header_is_checked_before_any_allocation(tmp_path, release_weights):
     """A 100-byte .npy whose header claims 10^9 floats (4 GB) is refused from its header; a
     good [512] vector is the official key path k = f(u)."""
     import io
@@ -482,9 +477,9 @@ def test_key_vector_header_is_checked_before_any_allocation(tmp_path, weights_di
     np.save(tmp_path / "u.npy", np.full(512, 0.75, np.float32))
     face = aligned_face(tmp_path / "face.png")
     with pytest.raises(InputError, match=r"evil.npy: key vector must be \[512\]"):
-        anon(face, tmp_path / "a.png", "--weights", weights_dir, "--aligned", "--key-vector",
+        anon(face, tmp_path / "a.png", "--weights", release_weights, "--aligned", "--key-vector",
              tmp_path / "evil.npy")
     assert not (tmp_path / "a.png").exists()
-    assert anon(face, tmp_path / "b.png", "--weights", weights_dir, "--aligned", "--key-vector",
+    assert anon(face, tmp_path / "b.png", "--weights", release_weights, "--aligned", "--key-vector",
                 tmp_path / "u.npy") == 0
     assert sidecar.read(str(tmp_path / "b.png.json")).key == {"path": "vector"}

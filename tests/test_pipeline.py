@@ -11,39 +11,19 @@ import pytest
 
 from ifadit_jax import pipeline, random_nets, roles
 from ifadit_jax.errors import InputError, WeightsError
-from tests.helpers import fixture, load_npz, nchw_to_nhwc, run_cli
-
-# Official release file name -> fixture file (random weights in the official formats).
-RELEASE = {
-    "attr_best.pth": "ifadit_attr_best.pth",
-    "mlp_best.pth": "ifadit_mlp_latent_mapper.pth",
-    "G_net_15.pth": "ifadit_inn_G_net.pth",
-    "fuse_mlp_15.pth": "ifadit_icl_fusion_mapper10.pth",
-    "550000.pt": "ifadit_stylegan2_256_style512.pt",
-    "model_ir_se50.pth": "ifadit_model_ir_se50.pth",
-    "79999_iter.pth": "bisenet_faceparsing.pth",
-}
-
+from tests.helpers import RELEASE_FIXTURES, fixture, load_npz, nchw_to_nhwc, run_cli
 
 def make_release_dir(path, skip=()):
     path.mkdir()
-    for name, src in RELEASE.items():
+    for name, src in RELEASE_FIXTURES.items():
         if name not in skip:
             os.symlink(fixture(src), path / name)
     return path
 
 
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("release")
-    src = make_release_dir(root / "official")
-    run_cli("ports/convert_ifadit.py", "release", str(src), str(root / "weights"))
-    return root / "weights"
-
-
-@pytest.fixture(scope="module")
-def pipe(weights_dir):
-    return pipeline.load(weights_dir)
+def pipe(release_weights):
+    return pipeline.load(release_weights)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +46,8 @@ def check(name, got, want):
     np.testing.assert_allclose(np.asarray(got), want, atol=TOL[name], rtol=0, err_msg=name)
 
 
-def test_manifest(weights_dir, pipe):
-    manifest = json.loads((weights_dir / "manifest.json").read_text())
+def test_manifest(release_weights, pipe):
+    manifest = json.loads((release_weights / "manifest.json").read_text())
     assert manifest["conventions"] == "official" and pipe.conventions == pipeline.OFFICIAL
     assert set(manifest["files"]) == set(roles.ROLES)
     assert manifest["files"]["flow"]["source_file"] == "G_net_15.pth"
@@ -143,16 +123,16 @@ def test_bad_calls(pipe, e2e):
         pipe.anonymize(np.zeros((1, 256, 256, 3)), np.zeros(100))
 
 
-def test_incomplete_weights_folder(tmp_path, weights_dir):
+def test_incomplete_weights_folder(tmp_path, release_weights):
     partial = tmp_path / "partial"
     partial.mkdir()
-    for f in weights_dir.iterdir():
+    for f in release_weights.iterdir():
         if f.name != "sif.safetensors":
             os.symlink(f, partial / f.name)
     with pytest.raises(WeightsError, match="sif.safetensors"):
         pipeline.load(partial)
     # A file of another network under the flow's name.
-    os.symlink(weights_dir / "icl.safetensors", partial / "sif.safetensors")
+    os.symlink(release_weights / "icl.safetensors", partial / "sif.safetensors")
     with pytest.raises(WeightsError, match="holds a 'icl' network, expected 'sif'"):
         pipeline.load(partial)
     with pytest.raises(WeightsError, match="manifest.json"):
@@ -174,15 +154,15 @@ def test_release_converter_bad_input(tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
 
 
-def test_conventions_are_checked_against_the_weights(tmp_path, weights_dir):
+def test_conventions_are_checked_against_the_weights(tmp_path, release_weights):
     """The official release (AllInOne flow, E_Attr on [0, 1]) cannot be run under the paper's
     conventions by mistake; the built-in model follows whichever conventions it is given."""
     copy = tmp_path / "w"
     copy.mkdir()
-    for f in weights_dir.iterdir():
+    for f in release_weights.iterdir():
         if f.name != "manifest.json":
             os.symlink(f, copy / f.name)
-    manifest = json.loads((weights_dir / "manifest.json").read_text())
+    manifest = json.loads((release_weights / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps({**manifest, "conventions": "paper"}))
     with pytest.raises(WeightsError, match="'allinone' variant but the 'paper' conventions"):
         pipeline.load(copy)

@@ -20,7 +20,7 @@ from skimage import data
 
 from ifadit_jax import commands, sidecar, video
 from ifadit_jax.errors import InputError
-from tests.helpers import run_cli, small_weights_folder
+from tests.helpers import run_cli
 
 SECRET = "video test secret"
 FAST_KDF = ["--kdf-memory-kib", "64", "--kdf-iterations", "1"]
@@ -91,11 +91,6 @@ def read_clip(path):
 
 
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    return small_weights_folder(tmp_path_factory.mktemp("video_weights"))
-
-
-@pytest.fixture(scope="module")
 def secret_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("video_secret") / "secret.txt"
     p.write_text(SECRET + "\n")
@@ -103,7 +98,7 @@ def secret_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, weights_dir, secret_file):
+def run(tmp_path_factory, release_weights, secret_file):
     """Anonymizes the clip once through the command line (in process), spying on the identities
     each frame gets, then recovers it."""
     root = tmp_path_factory.mktemp("video_run")
@@ -116,7 +111,7 @@ def run(tmp_path_factory, weights_dir, secret_file):
         given.setdefault("calls", []).append([np.asarray(z).copy() for _, z in faces])
         return real(pipe, rgb, faces, refine, batch)
 
-    common = ["--weights", str(weights_dir), "--secret-file", str(secret_file), "--quiet"]
+    common = ["--weights", str(release_weights), "--secret-file", str(secret_file), "--quiet"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(video, "render_frame", spy)
         assert commands.anonymize_main([str(src), str(out), *common, *FAST_KDF]) == 0
@@ -272,45 +267,45 @@ def test_is_video_by_content_not_extension(tmp_path, run):
     assert not video.is_video(str(photo))
 
 
-def test_not_a_video_is_one_error_line(tmp_path, weights_dir, secret_file):
+def test_not_a_video_is_one_error_line(tmp_path, release_weights, secret_file):
     bad = tmp_path / "clip.mp4"
     bad.write_bytes(b"this is not a video at all\n" * 10)
     proc = run_cli("-m", "ifadit_jax.anonymize", str(bad), str(tmp_path / "o.mkv"), "--weights",
-                   str(weights_dir), "--secret-file", str(secret_file), check=False)
+                   str(release_weights), "--secret-file", str(secret_file), check=False)
     assert proc.returncode == 4
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
 
 
-def test_truncated_video_writes_nothing(tmp_path, run, weights_dir, secret_file):
+def test_truncated_video_writes_nothing(tmp_path, run, release_weights, secret_file):
     cut = tmp_path / "cut.mkv"
     data_ = run["src"].read_bytes()
     cut.write_bytes(data_[:len(data_) // 2])
-    args = [str(cut), str(tmp_path / "o.mkv"), "--weights", str(weights_dir), "--secret-file",
+    args = [str(cut), str(tmp_path / "o.mkv"), "--weights", str(release_weights), "--secret-file",
             str(secret_file), "--quiet", *FAST_KDF]
     with pytest.raises(InputError, match="truncated"):
         commands.anonymize_main(args)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.mkv"]
 
 
-def test_recovery_refuses_a_sidecar_of_another_length(tmp_path, run, weights_dir, secret_file):
+def test_recovery_refuses_a_sidecar_of_another_length(tmp_path, run, release_weights, secret_file):
     other = tmp_path / "short.mkv"
     frames, _ = read_clip(run["out"])
     write_clip(other, frames[:5], clip_pts()[:5])
     side = json.loads(open(sidecar.path_for(str(run["out"]))).read())
     side["tracks"] = [{"frames": [e for e in side["tracks"][0]["frames"] if e[0] < 5]}]
     open(sidecar.path_for(str(other)), "w").write(json.dumps(side))
-    args = [str(other), str(tmp_path / "rec.mkv"), "--weights", str(weights_dir), "--secret-file",
+    args = [str(other), str(tmp_path / "rec.mkv"), "--weights", str(release_weights), "--secret-file",
             str(secret_file), "--quiet"]
     with pytest.raises(InputError, match="5 frames decoded, 17 expected"):
         commands.recover_main(args)
     assert not (tmp_path / "rec.mkv").exists() and not (tmp_path / "rec.mkv.json").exists()
 
 
-def test_existing_output_not_ours_is_kept(tmp_path, run, weights_dir, secret_file):
+def test_existing_output_not_ours_is_kept(tmp_path, run, release_weights, secret_file):
     dst = tmp_path / "o.mkv"
     dst.write_bytes(b"precious")
-    args = [str(run["src"]), str(dst), "--weights", str(weights_dir), "--secret-file",
+    args = [str(run["src"]), str(dst), "--weights", str(release_weights), "--secret-file",
             str(secret_file), "--quiet", "--force", *FAST_KDF]
     with pytest.raises(InputError, match="not written by ifadit-jax"):
         commands.anonymize_main(args)
@@ -336,7 +331,7 @@ def test_audio_dropped_by_default(tmp_path):
     assert _audio_packets(dst) == []
 
 
-def test_h264_mp4_rotated_with_audio(tmp_path, weights_dir):
+def test_h264_mp4_rotated_with_audio(tmp_path, release_weights):
     """A phone-like clip: H.264 in MP4, stored sideways with a 90 degree display rotation, with
     AAC audio; --codec h264 --keep-audio."""
     from ifadit_jax import pipeline
@@ -345,8 +340,8 @@ def test_h264_mp4_rotated_with_audio(tmp_path, weights_dir):
     stored = [np.ascontiguousarray(np.rot90(f, -1)) for f in upright]  # FFmpeg turns it back
     src, dst = tmp_path / "phone.mp4", tmp_path / "out.mkv"
     write_clip(src, stored, [0, 3, 6, 9], codec="libx264", audio=True, rotation=90)
-    pipe = pipeline.load(weights_dir)
-    detector = commands.load_detector(str(weights_dir))
+    pipe = pipeline.load(release_weights)
+    detector = commands.load_detector(str(release_weights))
     k = pipe.key_from_vector(np.full((1, 512), 0.75, np.float32))[0]
     opts = video.EncodeOptions(codec="h264", crf=20, keep_audio=True)
     record = video.anonymize_video(pipe, str(src), str(dst), k, detector=detector,
@@ -402,14 +397,14 @@ def test_ten_bit_422_source_decodes_to_8_bit_rgb(tmp_path):
     assert np.abs(frames[0].rgb.astype(int) - 128).max() <= 2
 
 
-def test_no_faces_copied_through_and_interrupt_leaves_nothing(tmp_path, weights_dir):
+def test_no_faces_copied_through_and_interrupt_leaves_nothing(tmp_path, release_weights):
     from ifadit_jax import pipeline
 
     frames = [_plain_frame(300 + i) for i in range(4)]
     src = tmp_path / "empty_room.mkv"
     write_clip(src, frames, [0, 3, 6, 9])
-    pipe = pipeline.load(weights_dir)
-    detector = commands.load_detector(str(weights_dir))
+    pipe = pipeline.load(release_weights)
+    detector = commands.load_detector(str(release_weights))
     k = pipe.key_from_vector(np.full((1, 512), 0.75, np.float32))[0]
     run_ = lambda dst: video.anonymize_video(pipe, str(src), str(dst), k, detector=detector,  # noqa: E731
                                              key_record={"path": "vector"})
@@ -443,10 +438,10 @@ def test_tiny_frames_refused_before_the_weights_load(tmp_path, secret_file):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.mkv"]
 
 
-def test_h264_cli_warns_and_checks_crf(tmp_path, weights_dir, secret_file, capsys):
+def test_h264_cli_warns_and_checks_crf(tmp_path, release_weights, secret_file, capsys):
     src = tmp_path / "room.mkv"
     write_clip(src, [_plain_frame(400 + i) for i in range(2)], [0, 3])
-    flags = ["--weights", str(weights_dir), "--secret-file", str(secret_file), "--quiet", *FAST_KDF]
+    flags = ["--weights", str(release_weights), "--secret-file", str(secret_file), "--quiet", *FAST_KDF]
     h264 = [str(src), str(tmp_path / "o.mp4"), *flags, "--codec", "h264"]
     with pytest.raises(InputError, match="--crf"):
         commands.anonymize_main(h264 + ["--crf", "52"])
