@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--kdf-iterations", type=int, default=keys.KdfParams().iterations)
     r.add_argument("--kdf-salt", metavar="HEX", help="Argon2id salt (default: the project's public salt)")
     r.add_argument("--force", action="store_true", help="overwrite existing tables in OUT")
-    r.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
+    cli.add_common_arguments(p)  # --quiet: no progress bar, no table on stdout
     return p
 
 
@@ -119,6 +119,7 @@ def _kdf(args) -> keys.KdfParams:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
+    cli.setup(args)
     names = list(ev.TABLES) if args.table == "all" else [args.table]
     settings = ev.Settings(batch=args.batch, refine=not args.no_refine, quantize=args.quantize,
                            div_keys=args.div_keys, samples=args.samples)

@@ -77,6 +77,16 @@ def add_common_arguments(parser) -> None:
     g.add_argument("--version", action="version", version=f"%(prog)s {version()}")
 
 
+# The argparse destinations of `add_common_arguments`: a CLI that forwards its other options
+# (the converters pass theirs to `convert(**options)`) leaves these out.
+COMMON_OPTIONS = ("device", "quiet", "verbose", "no_compile_cache")
+
+
+def common_options_removed(args) -> dict:
+    """vars(args) without the common options."""
+    return {k: v for k, v in vars(args).items() if k not in COMMON_OPTIONS}
+
+
 def cache_dir() -> str:
     """The per-user compilation cache folder (see `add_common_arguments`)."""
     if os.environ.get("IFADIT_JAX_CACHE_DIR"):

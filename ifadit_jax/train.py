@@ -18,6 +18,7 @@ weights/ (every network, `ifadit_jax.pipeline.load` format) unless export_weight
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import os
@@ -362,6 +363,7 @@ def usage() -> str:
               "  --distributed                multi-host: call jax.distributed.initialize() (with "
               "--coordinator_address HOST:PORT --num_processes N --process_id I off managed "
               "clusters)",
+              "  --device {auto,cpu,gpu}, --quiet, --verbose, --no_compile_cache, --version",
               "", "exit codes: 0 ok, 2 usage, 3 weights, 4 input, 7 non-finite loss"]
     return "\n".join(lines)
 
@@ -430,6 +432,13 @@ def _define_flags():
                          flag_values=fv)
     flags.DEFINE_integer("process_id", None, "this process's index (with --distributed)",
                          flag_values=fv)
+    # The options every CLI shares (ifadit_jax.cli); --version is answered before parsing.
+    flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "where JAX computes", flag_values=fv)
+    flags.DEFINE_bool("quiet", False, "print only errors and warnings (metrics still go to the "
+                      "workdir)", flag_values=fv)
+    flags.DEFINE_bool("verbose", False, "also print the devices", flag_values=fv)
+    flags.DEFINE_bool("no_compile_cache", False, "do not use the persistent compilation cache",
+                      flag_values=fv)
     return fv
 
 
@@ -459,7 +468,11 @@ def main(argv) -> int:
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
         print(usage())
         return 0
+    if "--version" in argv:
+        print(f"python -m ifadit_jax.train {cli.version()}")
+        return 0
     fv = _parse(argv)
+    cli.setup(argparse.Namespace(**{name: fv[name].value for name in cli.COMMON_OPTIONS}))
     missing = [f"--{n}" for n in ("phase", "config", "workdir") if fv[n].value is None]
     if missing:
         raise InputError(f"missing {', '.join(missing)} (usage: python -m ifadit_jax.train "
@@ -470,7 +483,8 @@ def main(argv) -> int:
     if fv.distributed:
         jax.distributed.initialize(coordinator_address=fv.coordinator_address,
                                    num_processes=fv.num_processes, process_id=fv.process_id)
-    train_and_evaluate(config, fv.workdir)
+    with contextlib.redirect_stdout(open(os.devnull, "w")) if fv.quiet else contextlib.nullcontext():
+        train_and_evaluate(config, fv.workdir)
     return 0
 
 

@@ -238,7 +238,8 @@ def guarded_convert(convert: Callable[..., tuple[dict, weights.Meta]], src: str,
 
 
 def run_converter(convert: Callable[..., tuple[dict, weights.Meta]], src: str, *, out: str,
-                  force: bool = False, inputs: Sequence[str] | None = None, **options) -> int:
+                  force: bool = False, inputs: Sequence[str] | None = None, quiet: bool = False,
+                  **options) -> int:
     """Checks OUT, converts, checks OUT again (it may have appeared meanwhile), writes
     atomically and reports. `inputs` (default [src]) are the files OUT may never be."""
     inputs = [src] if inputs is None else list(inputs)
@@ -247,7 +248,8 @@ def run_converter(convert: Callable[..., tuple[dict, weights.Meta]], src: str, *
     check_output(out, inputs, force)
     weights.save(out, variables, meta)
     n = sum(int(np.prod(np.shape(v))) for v in weights.flatten(variables).values())
-    print(f"wrote {out}: {meta.kind}, {n:,} values, config {meta.config}")
+    if not quiet:
+        print(f"wrote {out}: {meta.kind}, {n:,} values, config {meta.config}")
     return 0
 
 
@@ -270,11 +272,14 @@ def converter_main(description: str, convert: Callable[..., tuple[dict, weights.
         add_arguments(parser)
     parser.add_argument("src", help=src_help)
     add_output_arguments(parser)
+    cli.add_common_arguments(parser)
 
     def main(args_list):
         args = parser.parse_args(args_list)
-        options = {k: v for k, v in vars(args).items() if k not in ("src", "out", "force")}
-        return run_converter(convert, args.src, out=args.out, force=args.force,
+        cli.setup(args)
+        options = {k: v for k, v in cli.common_options_removed(args).items()
+                   if k not in ("src", "out", "force")}
+        return run_converter(convert, args.src, out=args.out, force=args.force, quiet=args.quiet,
                              inputs=None if inputs is None else inputs(args), **options)
 
     cli.run(main, argv)

@@ -29,7 +29,8 @@ def _one_file(convert: Callable):
         common.add_output_arguments(p)
 
     def run(args) -> int:
-        return common.run_converter(convert, args.src, out=args.out, force=args.force)
+        return common.run_converter(convert, args.src, out=args.out, force=args.force,
+                                    quiet=args.quiet)
 
     return add_arguments, run
 
@@ -50,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(command)
+        cli.add_common_arguments(command)
     return parser
 
 
@@ -59,6 +62,7 @@ def main(argv=None) -> None:
 
     def run(args_list):
         args = parser.parse_args(args_list)
+        cli.setup(args)
         return COMMANDS[args.command][2](args)
 
     cli.run(run, argv)

@@ -97,13 +97,15 @@ def main(argv) -> int:
     parser.add_argument("--net", required=True, choices=sorted(lp.STAGES), help="trunk network")
     parser.add_argument("--trunk", required=True, help="torchvision alexnet/vgg16 state dict")
     parser.add_argument("--lin", required=True, help="LPIPS linear layers, e.g. weights/v0.1/alex.pth")
-    parser.add_argument("--version", default="0.1", choices=lp.VERSIONS,
+    parser.add_argument("--lpips-version", default="0.1", choices=lp.VERSIONS,
                         help="LPIPS version of the lin weights (0.1 uses the scaling layer)")
     common.add_output_arguments(parser)
+    cli.add_common_arguments(parser)  # its --version is this tool's
     args = parser.parse_args(argv)
+    cli.setup(args)
     return common.run_converter(convert, args.trunk, out=args.out, force=args.force,
-                                inputs=[args.trunk, args.lin], lin=args.lin, net=args.net,
-                                version=args.version)
+                                quiet=args.quiet, inputs=[args.trunk, args.lin], lin=args.lin,
+                                net=args.net, version=args.lpips_version)
 
 
 if __name__ == "__main__":

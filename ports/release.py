@@ -102,6 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     manifest = convert_release(args.src_dir, args.out_dir, args.force)
-    print(f"wrote {args.out_dir}: weights id {manifest['weights_id']}, "
-          f"{len(manifest['files'])} networks, conventions '{manifest['conventions']}'")
+    if not args.quiet:
+        print(f"wrote {args.out_dir}: weights id {manifest['weights_id']}, "
+              f"{len(manifest['files'])} networks, conventions '{manifest['conventions']}'")
     return 0

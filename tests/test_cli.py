@@ -73,3 +73,15 @@ def test_device_gpu_without_a_gpu_is_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: --device gpu: no GPU is available to JAX (install jax[cuda12], or use --device cpu)"]
+
+
+@pytest.mark.parametrize("command", [
+    ("ports/convert_stylegan2.py", "--version"),
+    ("ports/convert_lpips.py", "--version"),
+    ("ports/convert_ifadit.py", "release", "--version"),
+    ("-m", "experiments.run", "all", "--version"),
+    ("-m", "ifadit_jax.train", "--version"),
+])
+def test_converters_training_and_experiments_share_the_common_flags(command):
+    proc = run_cli(*command)
+    assert proc.stdout.strip().endswith(cli.version())

@@ -156,7 +156,7 @@ def test_channel_normalize_gradient_at_zero():
 def test_version_00_skips_the_scaling_layer(tmp_path, nets, io):
     """v0.0(y) = core(y) and v0.1(x) = core((x - shift) / scale), so with the same lin weights
     v0.0((x - shift) / scale) must equal v0.1(x)."""
-    net00 = ifadit_jax.load(_convert(tmp_path, "alex", "--version", "0.0", name="v00.safetensors"))
+    net00 = ifadit_jax.load(_convert(tmp_path, "alex", "--lpips-version", "0.0", name="v00.safetensors"))
     assert net00.config["version"] == "0.0"
     shift, scale = np.asarray(lp.SHIFT, np.float32), np.asarray(lp.SCALE, np.float32)
     got = np.asarray(net00((io["a"] - shift) / scale, (io["b"] - shift) / scale))
