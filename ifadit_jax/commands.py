@@ -144,6 +144,13 @@ def _file_plan(src: str, output: str, force: bool) -> Plan:
         output = os.path.join(output, os.path.splitext(os.path.basename(src))[0] + ".png")
     if not imageio.is_image_path(output):
         raise InputError(f"{output}: output needs an image extension (.png is lossless)")
+    check_single_output(src, output, force)
+    return Plan([Job(src, output)], [], folder=False, output=output)
+
+
+def check_single_output(src: str, output: str, force: bool) -> None:
+    """The output of one file (an image or a video): never the input or its sidecar's place,
+    replaced only if this tool wrote it and `force`, in an existing folder."""
     if files.real(output) == files.real(src) or files.real(sidecar.path_for(output)) == files.real(src):
         raise InputError("output would overwrite the input")
     state = _owned_state(output)
@@ -154,7 +161,6 @@ def _file_plan(src: str, output: str, force: bool) -> Plan:
     parent = os.path.dirname(output) or "."
     if not os.path.isdir(parent):
         raise InputError(f"output directory does not exist: {parent}")
-    return Plan([Job(src, output)], [], folder=False, output=output)
 
 
 def _list_images(folder: str) -> list[str]:
@@ -284,7 +290,7 @@ def _check_key_vector_header(path: str) -> None:
         raise InputError(f"{path}: key vector must be [512] finite floats")
 
 
-def _vector_key(pipe, path: str) -> Key:
+def vector_key(pipe, path: str) -> Key:
     try:
         if os.path.getsize(path) > MAX_KEY_VECTOR_BYTES:
             raise InputError(f"{path}: a key vector file is at most {MAX_KEY_VECTOR_BYTES} bytes")
@@ -298,7 +304,7 @@ def _vector_key(pipe, path: str) -> Key:
     return Key(pipe.key_from_vector(u.reshape(1, 512).astype(np.float32))[0], {"path": "vector"}, None)
 
 
-def _secret_key(pipe, args, kdf: keys.KdfParams, store_check: bool) -> Key:
+def secret_key(pipe, args, kdf: keys.KdfParams, store_check: bool) -> Key:
     raw = keys.kdf_bytes(keys.secret_from_args(args), kdf)
     k = keys.key_from_vector(np.asarray(keys.normalize_bytes(raw)), pipeline_lib.mapping(pipe.nets))  # = derive_key
     check = keys.key_check(raw)
@@ -502,7 +508,7 @@ def anonymize_main(argv: Sequence[str]) -> int:
     cli.setup(args)
     pipe = pipeline_lib.load(args.weights)
     detector = None if args.aligned else load_detector(args.weights, args.detector)
-    key = _vector_key(pipe, args.key_vector) if kdf is None else _secret_key(pipe, args, kdf, args.key_check)
+    key = vector_key(pipe, args.key_vector) if kdf is None else secret_key(pipe, args, kdf, args.key_check)
     _check_resume(work.done, pipe, key, args.kdf_allow_costly)
 
     def prepare(job):
@@ -567,15 +573,15 @@ def _read_sidecars(jobs: list[Job], allow_costly: bool):
     return found, failures
 
 
-def _recovery_key(pipe, args, record: dict) -> Key:
+def recovery_key(pipe, args, record: dict) -> Key:
     if record["path"] == "vector":
         if not args.key_vector:
             raise InputError("these images were anonymized with a key vector; pass --key-vector")
-        return _vector_key(pipe, args.key_vector)
+        return vector_key(pipe, args.key_vector)
     if args.key_vector:
         raise InputError("these images were anonymized with a secret; drop --key-vector")
     kdf = keys.KdfParams.from_dict(record["kdf"])
-    key = _secret_key(pipe, args, kdf, store_check=False)
+    key = secret_key(pipe, args, kdf, store_check=False)
     if "check" in record and record["check"] != key.check:
         raise SecretError("wrong secret: it does not match the key check stored at anonymization")
     return key
@@ -600,7 +606,7 @@ def recover_main(argv: Sequence[str]) -> int:
         return _report(failures, len(failures), 0, work, args.quiet)
     cli.setup(args)
     pipe = pipeline_lib.load(args.weights)
-    key = _recovery_key(pipe, args, next(iter(records.values())))
+    key = recovery_key(pipe, args, next(iter(records.values())))
 
     def prepare(job):
         s = sides[job.src]

@@ -1,9 +1,10 @@
 """Atomic file writes and output-path safety: an output appears whole or not at all, respects
 the umask, and never replaces an input or a file this tool did not write.
 
-Temporary files are named `.tmp-ifadit-*` beside their target; a run killed mid-write leaves one
-behind, and the next run in that output folder removes them (`remove_stale_temporaries`). They
-are never taken as inputs.
+Temporary files are named `.tmp-ifadit-<pid>-*` beside their target; a run killed mid-write
+leaves one behind, and the next run in that output folder removes those whose process is gone
+(`remove_stale_temporaries`: a concurrent run's temporaries stay). They are never taken as
+inputs.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[str]
     if os.path.exists(path) and not force:
         raise InputError(f"output exists, not overwriting (use --force): {path}")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1], dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-",
+                                   suffix=os.path.splitext(path)[1], dir=parent)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
     except OSError as e:
@@ -58,16 +60,34 @@ def is_temporary(name: str) -> bool:
     return os.path.basename(name).startswith(TMP_PREFIX)
 
 
-def remove_stale_temporaries(folder: str) -> int:
-    """Removes `.tmp-ifadit-*` regular files under `folder` (left by killed runs); returns how
-    many. Symlinks and other file types with that name are left alone."""
+def _writer_alive(name: str) -> bool:
+    """Whether the process that named this temporary (`.tmp-ifadit-<pid>-...`) still runs."""
+    pid = os.path.basename(name)[len(TMP_PREFIX):].split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's live process (or unknowable): leave it
+    return True
+
+
+def remove_stale_temporaries(folder: str, recursive: bool = True) -> int:
+    """Removes the `.tmp-ifadit-*` regular files in `folder` (and below it if `recursive`) whose
+    writing process is gone; returns how many. Symlinks and other file types with that name
+    are left alone."""
     removed = 0
     if not os.path.isdir(folder):
         return 0
-    for root, _, names in os.walk(folder):
+    for root, dirs, names in os.walk(folder):
+        if not recursive:
+            dirs.clear()
         for name in names:
             p = os.path.join(root, name)
-            if is_temporary(name) and os.path.isfile(p) and not os.path.islink(p):
+            if is_temporary(name) and os.path.isfile(p) and not os.path.islink(p) \
+                    and not _writer_alive(name):
                 with contextlib.suppress(OSError):
                     os.unlink(p)
                     removed += 1

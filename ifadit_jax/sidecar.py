@@ -193,17 +193,23 @@ def _faces(obj, mode: str, size: tuple[int, int]) -> tuple[Face, ...]:
     return tuple(out)
 
 
-def validate(obj, allow_costly: bool = False) -> Sidecar:
-    """A parsed sidecar (any JSON value) -> Sidecar, or SidecarError naming the field."""
-    _object(obj, "sidecar", FIELDS)
-    if obj["format"] != FORMAT:
-        _fail("format", f"must be {FORMAT!r}")
+def _header(obj, fields, fmt: str) -> tuple[str, str]:
+    """The fields every sidecar starts with -> (conventions, weights_id)."""
+    _object(obj, "sidecar", fields)
+    if obj["format"] != fmt:
+        _fail("format", f"must be {fmt!r}")
     conventions = _exact(obj["conventions"], str, "conventions")
     if not _NAME.match(conventions):
         _fail("conventions", "must be a short lowercase name")
     weights_id = _exact(obj["weights_id"], str, "weights_id")
     if not _WEIGHTS_ID.match(weights_id):
         _fail("weights_id", "must be 1 to 64 letters, digits, '.', '_' or '-'")
+    return conventions, weights_id
+
+
+def validate(obj, allow_costly: bool = False) -> Sidecar:
+    """A parsed sidecar (any JSON value) -> Sidecar, or SidecarError naming the field."""
+    conventions, weights_id = _header(obj, FIELDS, FORMAT)
     mode = _exact(obj["mode"], str, "mode")
     if mode not in ("aligned", "photo"):
         _fail("mode", "must be 'aligned' or 'photo'")
@@ -355,15 +361,7 @@ def _track(obj, field: str, frames: int, size, per_frame: dict) -> tuple:
 
 def validate_video(obj, allow_costly: bool = False) -> VideoSidecar:
     """A parsed video sidecar (any JSON value) -> VideoSidecar, or SidecarError naming the field."""
-    _object(obj, "sidecar", VIDEO_FIELDS)
-    if obj["format"] != VIDEO_FORMAT:
-        _fail("format", f"must be {VIDEO_FORMAT!r}")
-    conventions = _exact(obj["conventions"], str, "conventions")
-    if not _NAME.match(conventions):
-        _fail("conventions", "must be a short lowercase name")
-    weights_id = _exact(obj["weights_id"], str, "weights_id")
-    if not _WEIGHTS_ID.match(weights_id):
-        _fail("weights_id", "must be 1 to 64 letters, digits, '.', '_' or '-'")
+    conventions, weights_id = _header(obj, VIDEO_FIELDS, VIDEO_FORMAT)
     codec = _exact(obj["codec"], str, "codec")
     if codec not in VIDEO_CODECS:
         _fail("codec", f"must be one of {', '.join(VIDEO_CODECS)}")

@@ -626,23 +626,14 @@ def add_arguments(parser) -> None:
 
 def plan_output(src: str, dst: str, force: bool, codec: str = "ffv1") -> str:
     """Checks the output path of a video job -> the path to write."""
-    from ifadit_jax.commands import _owned_state
+    from ifadit_jax.commands import check_single_output
 
     if os.path.isdir(dst):
         dst = os.path.join(dst, os.path.splitext(os.path.basename(src))[0] + ".mkv")
     allowed = (".mkv",) if codec == "ffv1" else (".mkv", ".mp4", ".mov")
     if os.path.splitext(dst)[1].lower() not in allowed:
         raise InputError(f"{dst}: a {codec} video output needs one of the extensions {', '.join(allowed)}")
-    if files.real(dst) == files.real(src) or files.real(sidecar.path_for(dst)) == files.real(src):
-        raise InputError("output would overwrite the input")
-    state = _owned_state(dst)
-    if state == "ours" and not force:
-        raise InputError(f"output exists, not overwriting (use --force): {dst}")
-    if state not in ("absent", "ours"):
-        raise InputError(f"{dst}: {state}; not replacing it")
-    parent = os.path.dirname(dst) or "."
-    if not os.path.isdir(parent):
-        raise InputError(f"output directory does not exist: {parent}")
+    check_single_output(src, dst, force)
     return dst
 
 
@@ -666,8 +657,8 @@ def anonymize_command(args, kdf) -> int:
     cli.setup(args)
     pipe = pipeline_lib.load(args.weights)
     detector = commands.load_detector(args.weights, args.detector)
-    key = (commands._vector_key(pipe, args.key_vector) if kdf is None
-           else commands._secret_key(pipe, args, kdf, args.key_check))
+    key = (commands.vector_key(pipe, args.key_vector) if kdf is None
+           else commands.secret_key(pipe, args, kdf, args.key_check))
     opts = EncodeOptions(codec=args.codec, crf=args.crf, keep_audio=args.keep_audio)
     anonymize_video(pipe, args.input, dst, key.k, detector=detector, key_record=key.record,
                     refine=not args.no_refine, opts=opts, batch=args.batch,
@@ -693,7 +684,7 @@ def recover_command(args) -> int:
     if side.weights_id != pipe.weights_id or side.conventions != pipe.conventions.name:
         raise InputError(f"{args.input}: anonymized with weights {sidecar.printable(side.weights_id)} "
                          f"({side.conventions}), these are {pipe.weights_id}")
-    key = commands._recovery_key(pipe, args, side.key)
+    key = commands.recovery_key(pipe, args, side.key)
     recover_video(pipe, args.input, dst, key.k, side, batch=args.batch, quiet=args.quiet)
     if not args.quiet:
         print(dst)

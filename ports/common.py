@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifadit_jax import cli, weights
+from ifadit_jax import cli, files, weights
 from ifadit_jax.errors import IfaditError, InputError, WeightsError
 from ports.reader import flatten_state_dict, read_checkpoint
 
@@ -244,6 +244,8 @@ def run_converter(convert: Callable[..., tuple[dict, weights.Meta]], src: str, *
     atomically and reports. `inputs` (default [src]) are the files OUT may never be."""
     inputs = [src] if inputs is None else list(inputs)
     check_output(out, inputs, force)
+    # What a killed conversion left beside OUT (only ours: named with a dead process's id).
+    files.remove_stale_temporaries(os.path.dirname(os.path.abspath(out)), recursive=False)
     variables, meta = guarded_convert(convert, src, **options)
     check_output(out, inputs, force)
     weights.save(out, variables, meta)

@@ -194,6 +194,15 @@ def test_every_converter_refuses_an_existing_out_without_force(tmp_path, script,
     assert out.read_bytes() == b"precious"
 
 
+def test_a_killed_conversions_temporary_is_removed_by_the_next(tmp_path):
+    dead = run_cli("-c", "import os; print(os.getpid())").stdout.strip()
+    stale = tmp_path / f".tmp-ifadit-{dead}-abc.safetensors"
+    stale.write_bytes(b"partial")
+    run_cli("ports/convert_ifadit.py", "icl", str(fixture("ifadit_icl_fusion_mapper10.pth")),
+            str(tmp_path / "icl.safetensors"))
+    assert sorted(os.listdir(tmp_path)) == ["icl.safetensors"]
+
+
 def test_lpips_refuses_an_existing_out_and_its_inputs(tmp_path):
     args = ["ports/convert_lpips.py", "--net", "alex", "--trunk",
             str(fixture("lpips_alex_trunk_torchvision.pth")), "--lin",

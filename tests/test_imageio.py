@@ -2,6 +2,8 @@
 the writer restoring grayscale and alpha, the pixel limit, and one-line errors."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -122,6 +124,23 @@ def test_stale_temporaries_are_removed_but_nothing_else(tmp_path):
     (tmp_path / "a.png").write_bytes(b"keep")
     assert files.remove_stale_temporaries(str(tmp_path)) == 1
     assert sorted(p.name for p in tmp_path.rglob("*")) == [".tmp-user-file.png", "a.png", "sub"]
+
+
+def test_a_live_writers_temporaries_stay(tmp_path):
+    """Temporaries carry their writer's process id: a concurrent run's are left alone, a dead
+    process's are removed, and only the top folder is swept when not recursive."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / f"{files.TMP_PREFIX}{os.getpid()}-x.png").write_bytes(b"being written")
+    (tmp_path / f"{files.TMP_PREFIX}{dead}-x.png").write_bytes(b"killed")
+    (tmp_path / "sub" / f"{files.TMP_PREFIX}{dead}-y.png").write_bytes(b"killed, below")
+    assert files.remove_stale_temporaries(str(tmp_path), recursive=False) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == [
+        f"{files.TMP_PREFIX}{os.getpid()}-x.png", f"{files.TMP_PREFIX}{dead}-y.png"]
+    with files.atomic_path(tmp_path / "z.png") as tmp:
+        assert os.path.basename(tmp).startswith(f"{files.TMP_PREFIX}{os.getpid()}-")
+        open(tmp, "wb").close()
 
 
 def test_header_size_matches_the_decoded_size(tmp_path):
