@@ -65,9 +65,8 @@ FILES = {
 
 # Demo-sized runs: one image per batch and per dataset, two diversity keys, one sample row.
 SMALL_TABLES = ("--limit", "1", "--batch", "1", "--div-keys", "2", "--samples", "1")
-# One training step of batch 2 on the fixture-width networks, no samples, one checkpoint. A
-# converted release has the official conventions; the phase configs default to the paper's, and
-# the README's command lines fail on a converted release without this override.
+# One training step of batch 2 on the fixture-width networks, no samples, one checkpoint. Phase 2
+# reads the release too ("plus the same ... flags"), hence the conventions.
 SMALL_TRAIN = ("--config.nets.conventions=official", "--config.total_steps=1",
                "--config.data.batch_size=2", "--config.data.num_threads=1",
                "--config.data.prefetch_buffer_size=1", "--config.log_every=1",
@@ -167,6 +166,7 @@ COMMANDS = {c: e for c, e in [
      Entry("tfds", needs=("synthesize",), writes=("data/tfds",))),
     ("python -m ifadit_jax.train --phase 1 --config configs/phase1.py --workdir runs/p1 "
      "--config.data.path data/ffhq_star --config.nets.dir weights/ "
+     "--config.nets.conventions=official "
      "--config.loss_nets.lpips lpips_alex.safetensors "
      "--config.loss_nets.landmarks mobilefacenet.safetensors",
      Entry("train_p1", add=SMALL_TRAIN, costly=TRAIN_COST,
