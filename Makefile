@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python -m ifadit_jax.demo $(if $(WEIGHTS),--weights $(WEIGHTS))
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q tests
+	$(BIN)/python -m pytest -n 2 -q --durations=15 tests
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

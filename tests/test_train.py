@@ -34,7 +34,11 @@ from tests.helpers import ROOT, leaves, load_config, run_cli, smoke
 # The tests that train share module fixtures (run1, run2, ...) and compiled steps: under
 # `pytest -n` (`--dist loadgroup`, pyproject.toml) they run on one worker, so nothing trains or
 # compiles twice; the rest of the suite spreads over the other workers.
+# Tests that share the module's training runs (run1, run2) stay on one xdist worker so that no run
+# or compile happens twice; the tests that start their own runs go to another group, so the two
+# halves of this module (the suite's longest path) run on both workers.
 RUNS = pytest.mark.xdist_group("train_runs")
+OWN_RUNS = pytest.mark.xdist_group("train_own_runs")
 
 
 def write_faces(folder, shifts):
@@ -274,7 +278,7 @@ def test_single_phase_trains_everything_and_table5_reads_the_exports(tmp_path, r
                                                                      ("single_phase", True)]
 
 
-@RUNS
+@OWN_RUNS
 def test_loss_falls_on_a_tiny_overfit_set(tmp_path):
     two = write_faces(tmp_path / "two", (0, 40))
     train.train_and_evaluate(smoke(1, two, total_steps=8, checkpoint_every=8, sample_every=0),
@@ -364,7 +368,7 @@ def two_devices(tmp_path_factory, faces, run1):
     return out, proc.stdout
 
 
-@RUNS
+@OWN_RUNS
 def test_uneven_batches_are_clear_errors(two_devices):
     assert "does not split evenly over 1 process(es) x 2 local device(s)" in two_devices[1]
     assert "(1 = 2 / 2) must be even" in two_devices[1]
@@ -459,7 +463,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@RUNS
+@OWN_RUNS
 def test_two_processes_match_two_devices(tmp_path, faces, two_devices):
     """Multi-host through the CLI's jax.distributed flags: 2 processes on this machine, one CPU
     device each (collectives over gloo), give exactly the metrics and the state of one process
@@ -498,7 +502,7 @@ def test_two_processes_match_two_devices(tmp_path, faces, two_devices):
         "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
 
 
-@RUNS
+@OWN_RUNS
 def test_no_recompilation_after_the_first_step(tmp_path, faces):
     run = train.setup(smoke(1, faces), str(tmp_path / "run"))
     for _ in range(3):  # the donated state comes back with the same shapes and types
