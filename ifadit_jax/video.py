@@ -26,12 +26,14 @@ input's time base (Matroska stores milliseconds); the display rotation is copied
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
 import os
 import stat
 import sys
+import time
 from fractions import Fraction
 from typing import Iterator
 
@@ -59,6 +61,58 @@ SMOOTH_RADIUS = 2  # landmarks averaged over frames t-2..t+2 of the same track
 MIN_SIDE = 24  # as for photos: MTCNN's smallest pyramid level needs 12 px, faces more
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
 _IMAGE_DEMUXERS = ("image2",)  # FFmpeg also opens photos as one-frame "videos"
+
+
+# ----------------------------------------------------------------------------------------------
+# Time per stage (read by experiments/video.py and bench/bench_video.py)
+
+STAGES = ("decode", "detect", "track", "warp", "networks", "paste", "encode")
+
+
+@dataclasses.dataclass
+class StageClock:
+    """Wall-clock seconds per stage of everything the video passes did inside `stage_clock()`:
+    decode (demux, decode, to RGB), detect (MTCNN), track (association), warp (aligned crops),
+    networks (E_ID, E_Attr, G, mask, flow; blocking on the results), paste (paste-back),
+    encode (to the output codec, mux)."""
+
+    seconds: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    def fps(self, frames: int) -> dict:
+        """Frames per second each stage alone would allow (None for a stage that took no time)."""
+        return {s: (frames / t if t > 0 else None) for s, t in self.seconds.items()}
+
+
+_CLOCK: contextvars.ContextVar = contextvars.ContextVar("ifadit_video_clock", default=None)
+
+
+@contextlib.contextmanager
+def stage_clock():
+    """Within the block, the video passes add their time per stage to the yielded StageClock
+    (outside one, timing costs nothing)."""
+    token = _CLOCK.set(StageClock())
+    try:
+        yield _CLOCK.get()
+    finally:
+        _CLOCK.reset(token)
+
+
+def _charge(stage: str, t0: float) -> float:
+    """Adds the time since `t0` to `stage` on the active clock -> now."""
+    now = time.perf_counter()
+    clock = _CLOCK.get()
+    if clock is not None:
+        clock.seconds[stage] += now - t0
+    return now
+
+
+@contextlib.contextmanager
+def _stage(stage: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _charge(stage, t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,6 +183,7 @@ def decode(container, path: str, audio_out=None) -> Iterator[Frame]:
     video = container.streams.video[0]
     streams = [video] + (list(container.streams.audio) if audio_out else [])
     index, fallback_tb = 0, 1 / _rate(video)
+    t0 = time.perf_counter()
     try:
         for packet in container.demux(*streams):
             if packet.stream.type == "audio":
@@ -141,7 +196,9 @@ def decode(container, path: str, audio_out=None) -> Iterator[Frame]:
                 # Faces are detected upright (a phone video stored sideways); the writer turns
                 # the frame back, so untouched pixels stay bit-exact.
                 rgb = np.ascontiguousarray(np.rot90(f.to_ndarray(format="rgb24"), quarter_turns(rotation)))
+                _charge("decode", t0)
                 yield Frame(index, rgb, pts, Fraction(tb), rotation)
+                t0 = time.perf_counter()  # the consumer's time is not decoding
                 index += 1
     except (av.error.FFmpegError, ValueError) as e:
         raise InputError(f"{path}: cannot decode frame {index} ({type(e).__name__}); "
@@ -275,6 +332,14 @@ def identities(pipe, crops: np.ndarray, batch: int) -> np.ndarray:
     return _padded(lambda x: _identity(pipe.nets, x), crops, batch)[0]
 
 
+def _embed_faces(pipe, rgb: np.ndarray, transforms, batch: int) -> np.ndarray:
+    """E_ID of the faces of one uint8 frame at the given 2x3 transforms -> [N, 512]."""
+    with _stage("warp"):
+        crops = _crops(rgb, transforms)
+    with _stage("networks"):
+        return identities(pipe, crops, batch)
+
+
 def anonymized_identities(pipe, z_tracks: np.ndarray, k) -> np.ndarray:
     """T(z_track, k) for every track: [N, 512] -> [N, 512]."""
     k = jnp.broadcast_to(jnp.asarray(k, jnp.float32).reshape(-1, 512)[:1], (len(z_tracks), 512))
@@ -296,14 +361,17 @@ def render_frame(pipe, rgb: np.ndarray, faces, refine: bool, batch: int) -> np.n
     if not faces:
         return rgb
     mats = [np.asarray(a, np.float64) for a, _ in faces]
-    crops = _crops(rgb, mats)
+    with _stage("warp"):
+        crops = _crops(rgb, mats)
     z = np.stack([np.asarray(z, np.float32) for _, z in faces])
-    out, masks = _padded(lambda c, zz: render_faces(pipe.nets, c, zz, refine), crops, batch, z)
-    result = rgb.astype(np.float32) / 255.0
-    for i, a in enumerate(mats):
-        result = align.paste_back(result, out[i], a, feather=0.1,
-                                  mask=None if masks is None else masks[i])
-    return imageio.to_uint8(result)
+    with _stage("networks"):
+        out, masks = _padded(lambda c, zz: render_faces(pipe.nets, c, zz, refine), crops, batch, z)
+    with _stage("paste"):
+        result = rgb.astype(np.float32) / 255.0
+        for i, a in enumerate(mats):
+            result = align.paste_back(result, out[i], a, feather=0.1,
+                                      mask=None if masks is None else masks[i])
+        return imageio.to_uint8(result)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,6 +427,10 @@ class Writer:
                                  "--keep-audio") from None
 
     def write(self, rgb: np.ndarray, frame: Frame) -> None:
+        with _stage("encode"):
+            self._write(rgb, frame)
+
+    def _write(self, rgb: np.ndarray, frame: Frame) -> None:
         import av
 
         if any(self.pad):  # at the bottom and right of the upright frame: transforms stay valid
@@ -370,8 +442,9 @@ class Writer:
         self.out.mux(self.stream.encode(f))
 
     def close(self) -> None:
-        self.out.mux(self.stream.encode())
-        self.out.close()
+        with _stage("encode"):
+            self.out.mux(self.stream.encode())
+            self.out.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,11 +531,13 @@ def track_pass(pipe, detector, path: str, batch: int = 4, min_prob: float = 0.9,
             if frame.rgb.shape[:2] != clip.size:
                 raise InputError(f"{path}: frame {frame.index} changes size; not supported")
             last = frame
-            found = detect_faces(detector, frame.rgb.astype(np.float32) / 255.0, min_prob, min_size)
+            with _stage("detect"):
+                found = detect_faces(detector, frame.rgb.astype(np.float32) / 255.0, min_prob, min_size)
             found = found[:sidecar.MAX_VIDEO_FACES_PER_FRAME]  # largest first
             if found:
-                ids = identities(pipe, _crops(frame.rgb, [f.transform for f in found]), batch)
-                tracker.step(frame.index, [f.box for f in found], [f.landmarks for f in found], ids)
+                ids = _embed_faces(pipe, frame.rgb, [f.transform for f in found], batch)
+                with _stage("track"):
+                    tracker.step(frame.index, [f.box for f in found], [f.landmarks for f in found], ids)
             clip.frames += 1
             bar.update()
         bar.close()
@@ -584,7 +659,7 @@ def _identity_pass(pipe, path: str, side: sidecar.VideoSidecar, batch: int, quie
                         f"but the video is {clip.size[1]}x{clip.size[0]}")
             last, faces = frame, by_frame.get(frame.index, [])
             if faces:
-                ids = identities(pipe, _crops(frame.rgb, [a for a, _ in faces]), batch)
+                ids = _embed_faces(pipe, frame.rgb, [a for a, _ in faces], batch)
                 for (_, t), z in zip(faces, ids):
                     sums[t] += z
             clip.frames += 1
