@@ -61,6 +61,8 @@ SMOOTH_RADIUS = 2  # landmarks averaged over frames t-2..t+2 of the same track
 MIN_SIDE = 24  # as for photos: MTCNN's smallest pyramid level needs 12 px, faces more
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
 _IMAGE_DEMUXERS = ("image2",)  # FFmpeg also opens photos as one-frame "videos"
+# Formats that hold a photo or an animation: a video only with at least two frames.
+_ANIMATION_DEMUXERS = ("gif", "apng")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,8 +121,19 @@ def _stage(stage: str):
 # Decoding
 
 
+def _has_two_frames(container) -> bool:
+    """Whether the first video stream holds at least two packets (read no further)."""
+    n = 0
+    for packet in container.demux(video=0):
+        n += 1 if packet.size else 0
+        if n >= 2:
+            return True
+    return False
+
+
 def is_video(path: str) -> bool:
-    """Whether `path` is a regular file that FFmpeg opens with a video stream (not a photo)."""
+    """Whether `path` is a regular file that FFmpeg opens with a video stream (not a photo; an
+    animated GIF or APNG is a video, a single-frame one a photo)."""
     import av
 
     try:
@@ -128,7 +141,9 @@ def is_video(path: str) -> bool:
             return False
         with av.open(path, metadata_errors="ignore") as c:
             name = c.format.name
-            return bool(c.streams.video) and not (name in _IMAGE_DEMUXERS or name.endswith("_pipe"))
+            if not c.streams.video or name in _IMAGE_DEMUXERS or name.endswith("_pipe"):
+                return False
+            return name not in _ANIMATION_DEMUXERS or _has_two_frames(c)
     except (OSError, ValueError, av.error.FFmpegError):
         return False
 

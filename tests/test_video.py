@@ -450,3 +450,36 @@ def test_h264_cli_warns_and_checks_crf(tmp_path, release_weights, secret_file, c
     assert sidecar.read_video(str(tmp_path / "o.mp4.json")).codec == "h264"
     with pytest.raises(InputError, match="extensions .mkv"):  # FFV1 only in Matroska
         commands.anonymize_main([str(src), str(tmp_path / "o2.mp4"), *flags])
+
+
+def test_zero_frames_is_one_error_and_nothing_written(tmp_path, release_weights, secret_file):
+    """A container with a video stream but no video frame (only audio)."""
+    src = tmp_path / "silent_film.mkv"
+    with av.open(str(src), "w") as out:
+        s = out.add_stream("ffv1", rate=25)
+        s.height, s.width, s.pix_fmt = SIZE[0], SIZE[1], "bgr0"
+        a = out.add_stream("aac", rate=8000, layout="mono")
+        _write_audio(out, a, 0.5)
+        out.mux(s.encode())
+    assert video.is_video(str(src))
+    proc = run_cli("-m", "ifadit_jax.anonymize", str(src), str(tmp_path / "o.mkv"), "--weights",
+                   str(release_weights), "--secret-file", str(secret_file), "--quiet", *FAST_KDF,
+                   check=False)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "no decodable frames" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["silent_film.mkv"]
+
+
+def test_single_frame_gif_is_a_photo_animated_gif_a_video(tmp_path, release_weights, secret_file):
+    still, animated = tmp_path / "still.gif", tmp_path / "animated.gif"
+    Image.fromarray(_face_frame(0)).save(still)
+    Image.fromarray(_face_frame(0)).save(animated, save_all=True, duration=40,
+                                         append_images=[Image.fromarray(_face_frame(1))])
+    assert not video.is_video(str(still)) and video.is_video(str(animated))
+    flags = ["--weights", str(release_weights), "--secret-file", str(secret_file), "--quiet", *FAST_KDF]
+    assert commands.anonymize_main([str(still), str(tmp_path / "still_anon.png"), *flags]) == 0
+    side = json.loads(open(sidecar.path_for(str(tmp_path / "still_anon.png"))).read())
+    assert side["format"] != sidecar.VIDEO_FORMAT
+    assert commands.anonymize_main([str(animated), str(tmp_path / "animated_anon.mkv"), *flags]) == 0
+    got, _ = read_clip(tmp_path / "animated_anon.mkv")
+    assert len(got) == 2 and got[0].shape == (*SIZE, 3)
