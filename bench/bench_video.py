@@ -75,16 +75,16 @@ def rss_mib() -> tuple[float, float]:
 
 
 class CountingDetector:
-    """The detector, noting the memory when pass 1 reaches frame `at` (one call per frame)."""
+    """The detector, noting the memory when pass 1 reaches frame `at`."""
 
     def __init__(self, detector, at: int):
         self.detector, self.at, self.calls, self.mark = detector, at, 0, None
 
-    def detect(self, image, min_face_size=20.0):
-        self.calls += 1
-        if self.calls == self.at:
+    def detect_many(self, images, min_face_size=20.0):
+        if self.calls < self.at <= self.calls + len(images):
             self.mark = rss_mib()
-        return self.detector.detect(image, min_face_size=min_face_size)
+        self.calls += len(images)
+        return self.detector.detect_many(images, min_face_size=min_face_size)
 
 
 def anonymize(pipe, detector, src: str, dst: str):

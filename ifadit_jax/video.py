@@ -1,10 +1,10 @@
 """Video: one reversible pseudonym per tracked person, streamed through the iFADIT networks.
 
-Two passes over the file, so that memory is bounded by one frame (plus a few numbers per face),
-never by the clip's length:
+Two passes over the file, so that memory is bounded by a few frames (plus a few numbers per
+face), never by the clip's length:
 
-1. decode -> MTCNN per frame -> align each face (raw landmarks) -> E_ID -> associate the
-   detections into tracks (`Tracker`: box IoU and identity cosine, Hungarian assignment);
+1. decode -> MTCNN (DET_FRAMES frames per call) -> align each face (raw landmarks) -> E_ID ->
+   associate the detections into tracks (`Tracker`: box IoU and identity cosine, Hungarian assignment);
    each track keeps its landmarks and the running sum of its unit E_ID vectors;
 2. smooth each track's landmarks along time (centred moving average, `smooth_landmarks`), one
    FFHQ transform per face-frame; z_track = normalized mean of the track's E_ID vectors and
@@ -58,6 +58,7 @@ IOU_WEIGHT = 0.5
 MAX_COST = 0.6
 MAX_GAP = 5  # frames a track survives without a detection (a short occlusion keeps the id)
 SMOOTH_RADIUS = 2  # landmarks averaged over frames t-2..t+2 of the same track
+DET_FRAMES = 4  # frames per detector call (MTCNN.detect_many): fewer, larger network calls
 MIN_SIDE = 24  # as for photos: MTCNN's smallest pyramid level needs 12 px, faces more
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
 _IMAGE_DEMUXERS = ("image2",)  # FFmpeg also opens photos as one-frame "videos"
@@ -532,12 +533,45 @@ def _check_complete(container, path: str, n: int, last: Frame | None) -> None:
                          f"(up to {end:.2f} s of {declared or 0:.2f} s); nothing written")
 
 
-def track_pass(pipe, detector, path: str, batch: int = 4, min_prob: float = 0.9,
-               min_size: float = 20.0, quiet: bool = True) -> tuple[list[Track], Clip]:
-    """Pass 1 of anonymization: detect, embed and track every face -> (tracks, clip)."""
+class _Detected:
+    """One frame's detections, computed with its neighbours (`MTCNN.detect_many`), offered
+    through the `detect` interface whose results `commands.detect_faces` filters."""
+
+    def __init__(self, result):
+        self._result = result
+
+    def detect(self, image, min_face_size=None):
+        return self._result
+
+
+def _detect_group(detector, frames: list, min_prob: float, min_size: float) -> list:
+    """Faces of each of `frames` (commands.Face lists, largest first), one batched detector call
+    when the detector has `detect_many`."""
     from ifadit_jax.commands import detect_faces
 
-    tracker, clip, last = Tracker(), None, None
+    with _stage("detect"):
+        many = getattr(detector, "detect_many", None)
+        found = ([detector] * len(frames) if many is None
+                 else [_Detected(r) for r in many([f.rgb for f in frames], min_face_size=min_size)])
+        cap = sidecar.MAX_VIDEO_FACES_PER_FRAME
+        return [detect_faces(d, f.rgb.astype(np.float32) / 255.0, min_prob, min_size)[:cap]
+                for d, f in zip(found, frames)]
+
+
+def _track_group(pipe, detector, tracker: Tracker, frames: list, batch: int, min_prob: float,
+                 min_size: float) -> None:
+    for frame, found in zip(frames, _detect_group(detector, frames, min_prob, min_size)):
+        if found:
+            ids = _embed_faces(pipe, frame.rgb, [f.transform for f in found], batch)
+            with _stage("track"):
+                tracker.step(frame.index, [f.box for f in found], [f.landmarks for f in found], ids)
+
+
+def track_pass(pipe, detector, path: str, batch: int = 4, min_prob: float = 0.9,
+               min_size: float = 20.0, quiet: bool = True) -> tuple[list[Track], Clip]:
+    """Pass 1 of anonymization: detect (DET_FRAMES frames per detector call), embed and track
+    every face -> (tracks, clip)."""
+    tracker, clip, last, group = Tracker(), None, None, []
     with _open(path) as container:
         bar = _progress(container.streams.video[0].frames, "tracking", quiet)
         for frame in decode(container, path):
@@ -546,15 +580,15 @@ def track_pass(pipe, detector, path: str, batch: int = 4, min_prob: float = 0.9,
             if frame.rgb.shape[:2] != clip.size:
                 raise InputError(f"{path}: frame {frame.index} changes size; not supported")
             last = frame
-            with _stage("detect"):
-                found = detect_faces(detector, frame.rgb.astype(np.float32) / 255.0, min_prob, min_size)
-            found = found[:sidecar.MAX_VIDEO_FACES_PER_FRAME]  # largest first
-            if found:
-                ids = _embed_faces(pipe, frame.rgb, [f.transform for f in found], batch)
-                with _stage("track"):
-                    tracker.step(frame.index, [f.box for f in found], [f.landmarks for f in found], ids)
+            group.append(frame)
             clip.frames += 1
-            bar.update()
+            if len(group) == DET_FRAMES:
+                _track_group(pipe, detector, tracker, group, batch, min_prob, min_size)
+                bar.update(len(group))
+                group = []
+        if group:
+            _track_group(pipe, detector, tracker, group, batch, min_prob, min_size)
+            bar.update(len(group))
         bar.close()
         _check_complete(container, path, 0 if clip is None else clip.frames, last)
     return tracker.tracks, clip
