@@ -177,7 +177,7 @@ def psnr_from_mse(mse: float) -> float:
 @dataclasses.dataclass(frozen=True)
 class Settings:
     crfs: tuple[int, ...] = (18, 28)
-    batch: int = 1  # faces per network call (a frame usually has one)
+    batch: int = 4  # faces per network call (faces of several frames share a call)
     refine: bool = True
 
 

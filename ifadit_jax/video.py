@@ -59,6 +59,9 @@ MAX_COST = 0.6
 MAX_GAP = 5  # frames a track survives without a detection (a short occlusion keeps the id)
 SMOOTH_RADIUS = 2  # landmarks averaged over frames t-2..t+2 of the same track
 DET_FRAMES = 4  # frames per detector call (MTCNN.detect_many): fewer, larger network calls
+# Pass 2 holds up to this many frames until their faces fill a network batch (--batch): with one
+# face per frame, one call renders `batch` frames' faces instead of one face padded to `batch`.
+RENDER_FRAMES = 8
 MIN_SIDE = 24  # as for photos: MTCNN's smallest pyramid level needs 12 px, faces more
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
 _IMAGE_DEMUXERS = ("image2",)  # FFmpeg also opens photos as one-frame "videos"
@@ -348,12 +351,17 @@ def identities(pipe, crops: np.ndarray, batch: int) -> np.ndarray:
     return _padded(lambda x: _identity(pipe.nets, x), crops, batch)[0]
 
 
-def _embed_faces(pipe, rgb: np.ndarray, transforms, batch: int) -> np.ndarray:
-    """E_ID of the faces of one uint8 frame at the given 2x3 transforms -> [N, 512]."""
+def _embed_many(pipe, frames: list, transforms: list, batch: int) -> list:
+    """E_ID of the faces of several uint8 frames (per frame, its 2x3 transforms), all faces in
+    shared batches -> per frame [N_i, 512]."""
+    counts = [len(t) for t in transforms]
+    if not sum(counts):
+        return [np.zeros((0, 512), np.float32) for _ in frames]
     with _stage("warp"):
-        crops = _crops(rgb, transforms)
+        crops = np.concatenate([_crops(rgb, t) for rgb, t in zip(frames, transforms) if len(t)])
     with _stage("networks"):
-        return identities(pipe, crops, batch)
+        z = identities(pipe, crops, batch)
+    return np.split(z, np.cumsum(counts)[:-1])
 
 
 def anonymized_identities(pipe, z_tracks: np.ndarray, k) -> np.ndarray:
@@ -371,23 +379,35 @@ def recovered_identities(pipe, z_tracks: np.ndarray, k) -> np.ndarray:
     return np.asarray(flow_lib.sif_inverse(nets.flow, z, k)[0])
 
 
-def render_frame(pipe, rgb: np.ndarray, faces, refine: bool, batch: int) -> np.ndarray:
-    """uint8 frame and faces [(2x3 transform, identity [512])] -> the uint8 frame with every face
-    rendered with its identity and pasted back; no faces: the very same pixels."""
-    if not faces:
-        return rgb
-    mats = [np.asarray(a, np.float64) for a, _ in faces]
+def render_frames(pipe, frames: list, faces: list, refine: bool, batch: int) -> list:
+    """uint8 frames and per frame its faces [(2x3 transform, identity [512])] -> the uint8
+    frames with every face rendered with its identity and pasted back. The faces of all the
+    frames share the network batches (one face per frame still fills a batch of `batch`); a
+    frame without faces is returned as the very same array."""
+    if not any(faces):
+        return list(frames)
     with _stage("warp"):
-        crops = _crops(rgb, mats)
-    z = np.stack([np.asarray(z, np.float32) for _, z in faces])
+        crops = np.concatenate([_crops(rgb, [a for a, _ in fs]) for rgb, fs in zip(frames, faces) if fs])
+    z = np.stack([np.asarray(z, np.float32) for fs in faces for _, z in fs])
     with _stage("networks"):
         out, masks = _padded(lambda c, zz: render_faces(pipe.nets, c, zz, refine), crops, batch, z)
     with _stage("paste"):
-        result = rgb.astype(np.float32) / 255.0
-        for i, a in enumerate(mats):
-            result = align.paste_back(result, out[i], a, feather=0.1,
-                                      mask=None if masks is None else masks[i])
-        return imageio.to_uint8(result)
+        results, j = list(frames), 0
+        for i, fs in enumerate(faces):
+            if not fs:
+                continue
+            result = frames[i].astype(np.float32) / 255.0
+            for a, _ in fs:
+                result = align.paste_back(result, out[j], np.asarray(a, np.float64), feather=0.1,
+                                          mask=None if masks is None else masks[j])
+                j += 1
+            results[i] = imageio.to_uint8(result)
+        return results
+
+
+def render_frame(pipe, rgb: np.ndarray, faces, refine: bool, batch: int) -> np.ndarray:
+    """`render_frames` for one frame."""
+    return render_frames(pipe, [rgb], [faces], refine, batch)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,11 +580,13 @@ def _detect_group(detector, frames: list, min_prob: float, min_size: float) -> l
 
 def _track_group(pipe, detector, tracker: Tracker, frames: list, batch: int, min_prob: float,
                  min_size: float) -> None:
-    for frame, found in zip(frames, _detect_group(detector, frames, min_prob, min_size)):
-        if found:
-            ids = _embed_faces(pipe, frame.rgb, [f.transform for f in found], batch)
+    """Detects, embeds (the faces of all `frames` in shared batches) and tracks a few frames."""
+    found = _detect_group(detector, frames, min_prob, min_size)
+    ids = _embed_many(pipe, [f.rgb for f in frames], [[x.transform for x in fs] for fs in found], batch)
+    for frame, faces, z in zip(frames, found, ids):
+        if faces:
             with _stage("track"):
-                tracker.step(frame.index, [f.box for f in found], [f.landmarks for f in found], ids)
+                tracker.step(frame.index, [f.box for f in faces], [f.landmarks for f in faces], z)
 
 
 def track_pass(pipe, detector, path: str, batch: int = 4, min_prob: float = 0.9,
@@ -614,16 +636,17 @@ def render_pass(pipe, src: str, dst: str, by_frame: dict, clip: Clip, refine: bo
             writer = Writer(dst, container, opts, clip.rotation)
         except (av.error.FFmpegError, ValueError) as e:
             raise InputError(f"cannot start the {opts.codec} output ({type(e).__name__}: {e})"[:300]) from None
-        bar, n = _progress(clip.frames, "rendering", quiet), 0
+        bar, n, pending = _progress(clip.frames, "rendering", quiet), 0, []
         try:
             audio = writer.audio_packet if opts.keep_audio else None
             for frame in decode(container, src, audio):
                 if frame.rgb.shape[:2] != clip.size:
                     raise InputError(f"{src}: frame {frame.index} changes size; not supported")
-                writer.write(render_frame(pipe, frame.rgb, by_frame.get(frame.index, []), refine,
-                                          batch), frame)
-                n += 1
-                bar.update()
+                pending.append((frame, by_frame.get(frame.index, [])))
+                if sum(len(f) for _, f in pending) >= batch or len(pending) >= RENDER_FRAMES:
+                    n += _render_and_write(pipe, writer, pending, refine, batch, bar)
+                    pending = []
+            n += _render_and_write(pipe, writer, pending, refine, batch, bar)
             _count_check(src, n, clip.frames)
             writer.close()
         except av.error.FFmpegError as e:  # decoding errors are InputErrors already
@@ -634,6 +657,16 @@ def render_pass(pipe, src: str, dst: str, by_frame: dict, clip: Clip, refine: bo
             raise
         finally:
             bar.close()
+
+
+def _render_and_write(pipe, writer, pending: list, refine: bool, batch: int, bar) -> int:
+    """Renders the faces of the pending (frame, faces) pairs together, encodes the frames in
+    order -> how many were written."""
+    rendered = render_frames(pipe, [f.rgb for f, _ in pending], [fs for _, fs in pending], refine, batch)
+    for (frame, _), rgb in zip(pending, rendered):
+        writer.write(rgb, frame)
+        bar.update()
+    return len(pending)
 
 
 def _discard(writer) -> None:
@@ -692,11 +725,20 @@ def anonymize_video(pipe, src: str, dst: str, k, *, detector, key_record: dict,
     return record
 
 
+def _add_identities(pipe, frames: list, by_frame: dict, sums: np.ndarray, batch: int) -> None:
+    """Adds the E_ID of every recorded face of `frames` to its track's row of `sums`."""
+    faces = [by_frame.get(f.index, []) for f in frames]
+    ids = _embed_many(pipe, [f.rgb for f in frames], [[a for a, _ in fs] for fs in faces], batch)
+    for fs, zs in zip(faces, ids):
+        for (_, t), z in zip(fs, zs):
+            sums[t] += z
+
+
 def _identity_pass(pipe, path: str, side: sidecar.VideoSidecar, batch: int, quiet: bool):
     """Recovery pass 1: the normalized mean E_ID of each track over the anonymized frames, from
     the recorded transforms -> ([tracks, 512], Clip)."""
     by_frame = _faces_by_frame([t for t in side.tracks], range(len(side.tracks)))
-    sums, clip, last = np.zeros((len(side.tracks), 512)), None, None
+    sums, clip, last, group = np.zeros((len(side.tracks), 512)), None, None, []
     with _open(path) as container:
         bar = _progress(side.frames, "reading identities", quiet)
         for frame in decode(container, path):
@@ -706,13 +748,15 @@ def _identity_pass(pipe, path: str, side: sidecar.VideoSidecar, batch: int, quie
                     raise sidecar.SidecarError(
                         f"{sidecar.path_for(path)}: size: records {side.size[1]}x{side.size[0]} "
                         f"but the video is {clip.size[1]}x{clip.size[0]}")
-            last, faces = frame, by_frame.get(frame.index, [])
-            if faces:
-                ids = _embed_faces(pipe, frame.rgb, [a for a, _ in faces], batch)
-                for (_, t), z in zip(faces, ids):
-                    sums[t] += z
+            last = frame
+            group.append(frame)
             clip.frames += 1
-            bar.update()
+            if len(group) == DET_FRAMES:
+                _add_identities(pipe, group, by_frame, sums, batch)
+                bar.update(len(group))
+                group = []
+        _add_identities(pipe, group, by_frame, sums, batch)
+        bar.update(len(group))
         bar.close()
         _check_complete(container, path, 0 if clip is None else clip.frames, last)
     _count_check(path, clip.frames, side.frames)

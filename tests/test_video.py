@@ -105,24 +105,33 @@ def run(tmp_path_factory, release_weights, secret_file):
     src, out, back = root / "Jane_Doe_holiday.mkv", root / "anon.mkv", root / "rec.mkv"
     write_clip(src, clip_frames(), clip_pts())
     given = {}
-    real = video.render_frame
+    real = video.render_frames
 
-    def spy(pipe, rgb, faces, refine, batch):
-        given.setdefault("calls", []).append([np.asarray(z).copy() for _, z in faces])
-        return real(pipe, rgb, faces, refine, batch)
+    def spy(pipe, frames, faces, refine, batch):
+        given.setdefault("calls", []).extend([np.asarray(z).copy() for _, z in fs] for fs in faces)
+        given.setdefault("groups", []).append(sum(len(fs) for fs in faces))
+        return real(pipe, frames, faces, refine, batch)
 
     common = ["--weights", str(release_weights), "--secret-file", str(secret_file), "--quiet"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(video, "render_frame", spy)
+        mp.setattr(video, "render_frames", spy)
         assert commands.anonymize_main([str(src), str(out), *common, *FAST_KDF]) == 0
     assert commands.recover_main([str(out), str(back), *common]) == 0
-    return dict(src=src, out=out, back=back, calls=given["calls"])
+    return dict(src=src, out=out, back=back, calls=given["calls"], groups=given["groups"])
 
 
 def test_one_track_through_the_pan_and_the_short_cut(run):
     side = json.loads(open(sidecar.path_for(str(run["out"]))).read())
     assert len(side["tracks"]) == 1
     assert [e[0] for e in side["tracks"][0]["frames"]] == FACE_FRAMES
+
+
+def test_faces_of_several_frames_share_the_network_batches(run):
+    # --batch 4 (the default), one face per frame: the 12 face-frames render in groups of four
+    # frames (no face padded alone to a batch of four), face-free frames in the same groups.
+    assert sum(run["groups"]) == len(FACE_FRAMES)
+    assert all(n <= 4 for n in run["groups"]) and max(run["groups"]) == 4
+    assert len(run["groups"]) < N_FRAMES
 
 
 def test_every_frame_of_the_track_gets_the_same_identity(run):
@@ -413,16 +422,16 @@ def test_no_faces_copied_through_and_interrupt_leaves_nothing(tmp_path, release_
     got, _ = read_clip(tmp_path / "out.mkv")
     assert all(np.array_equal(a, b) for a, b in zip(got, frames)) and len(got) == 4
 
-    def interrupted(pipe_, rgb, faces, refine, batch):
-        if interrupted.calls == 2:
-            raise KeyboardInterrupt
-        interrupted.calls += 1
-        return rgb
+    real_write = video.Writer.write
 
-    interrupted.calls = 0
+    def interrupted(self, rgb, frame):  # Ctrl-C in pass 2, after two frames were encoded
+        if frame.index == 2:
+            raise KeyboardInterrupt
+        real_write(self, rgb, frame)
+
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(video, "render_frame", interrupted)
+        mp.setattr(video.Writer, "write", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run_(tmp_path / "stopped.mkv")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
