@@ -108,3 +108,30 @@ def test_demo_run_writes_every_file_with_numbers_in_range(tmp_path):
     assert "DEMO" in (out / "video.md").read_text()
     with Image.open(out / "video_samples.png") as im:
         assert im.size[0] == 4 * 160 and im.size[1] > 3 * 160  # three frames, four columns
+
+
+def test_faceless_odd_sized_clip_with_the_weights_folder(tmp_path, release_weights):
+    """A user's clip (odd size, no face) through --weights and --videos: no track, so every face
+    column is n/a; the FFV1 round trip is bit-exact (frame PSNR undefined), H.264 (padded to even
+    sides for 4:2:0, compared at the original size) is not."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    rng = np.random.default_rng(5)
+    with av.open(str(clips / "room.mkv"), "w") as out:
+        s = out.add_stream("ffv1", rate=25)
+        s.height, s.width, s.pix_fmt = 49, 67, "bgr0"
+        for i in range(3):
+            f = av.VideoFrame.from_ndarray(rng.integers(0, 256, (49, 67, 3), dtype=np.uint8), format="rgb24")
+            f.pts = i
+            out.mux(s.encode(f))
+        out.mux(s.encode())
+    (clips / "notes.txt").write_text("not a video")
+    out = tmp_path / "out"
+    assert run.main(["video", "--weights", str(release_weights), "--videos", str(clips), "--out",
+                     str(out), "--crf", "23", "--quiet"]) == 0
+    result = json.loads((out / "video.json").read_text())
+    assert list(result["clips"]) == ["room.mkv"] and result["clips"]["room.mkv"]["tracks"] == 0
+    ffv1, h264 = result["rows"]
+    assert ffv1["n"] == 0 and "na" in ffv1["id_mean_anon"] and ffv1["rec_psnr"]["mean"] is None
+    assert ffv1["frame_psnr"] == {"na": "every frame identical"}
+    assert 10 < h264["frame_psnr"]["value"] < 100
