@@ -333,7 +333,8 @@ def compare(original: str, produced: Produced, nets, pipe) -> Tally:
         previous = None
         for frames in zip(*streams.values()):
             images = {n: np.ascontiguousarray(f.rgb[:h, :w]) for n, f in zip(streams, frames)}
-            _frame_step(tally, nets, pipe, frames[0].index, images, previous, by_frame.get(frames[0].index, []))
+            index = frames[0].index
+            _frame_step(tally, nets, pipe, index, images, previous, by_frame.get(index, []))
             previous = images
     if tally.frames != side.frames:
         raise InputError(f"{original}: {tally.frames} frames compared, {side.frames} expected")
@@ -365,7 +366,8 @@ def _consistency_cells(tally: Tally, v: str, suffix: str) -> dict:
 def clip_rows(name: str, produced: Produced, tally: Tally) -> tuple[list[dict], list[dict]]:
     """Table rows (one per output) and per-track lines of one clip."""
     rows, lines = [], []
-    flick = {v: ev.summary([x for track in tally.flicker[v] for x in track]) for v in ["original", *tally.outputs]}
+    flick = {v: ev.summary([x for track in tally.flicker[v] for x in track])
+             for v in ["original", *tally.outputs]}
     original = {**_consistency_cells(tally, "original", "original"), "flicker_original": flick["original"]}
     for v in tally.outputs:
         rec = tally.rec[v]

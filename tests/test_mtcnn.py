@@ -255,6 +255,7 @@ def test_detect_many_matches_the_official_detection_per_frame(net, astronaut, io
     # The mirrored frame: the same face, its box mirrored (x -> W - x) within a few pixels.
     w = astronaut.shape[1]
     assert len(got[2][0]) == len(io["det_boxes"])
-    np.testing.assert_allclose(np.sort(w - got[2][0][:, [2, 0]], 0), np.sort(io["det_boxes"][:, [0, 2]], 0), atol=3)
+    np.testing.assert_allclose(np.sort(w - got[2][0][:, [2, 0]], 0),
+                               np.sort(io["det_boxes"][:, [0, 2]], 0), atol=3)
     with pytest.raises(InputError, match="one size"):
         net.detect_many([astronaut, blank[:100]])

@@ -104,7 +104,8 @@ def test_demo_run_writes_every_file_with_numbers_in_range(tmp_path):
     assert timing["recover ffv1"]["stages"]["detect"]["seconds"] == 0  # recovery never detects
     with open(out / "video_per_image.csv") as f:
         lines = list(csv.DictReader(f))
-    assert [(l["output"], l["track"], l["frames"]) for l in lines] == [("ffv1", "0", "6"), ("h264 crf 28", "0", "6")]
+    assert [(line["output"], line["track"], line["frames"]) for line in lines] == [
+        ("ffv1", "0", "6"), ("h264 crf 28", "0", "6")]
     assert "DEMO" in (out / "video.md").read_text()
     with Image.open(out / "video_samples.png") as im:
         assert im.size[0] == 4 * 160 and im.size[1] > 3 * 160  # three frames, four columns

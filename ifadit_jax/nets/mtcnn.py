@@ -465,7 +465,8 @@ class MTCNN(base.Loaded):
         padded[:b, :h, :w] = pixels
         reg, prob = self._pnet(self.variables, padded, np.array([h, w], np.int32))
         oh, ow = -(-(h - 2) // 2) - 4, -(-(w - 2) // 2) - 4
-        return lambda: [(r[:oh, :ow], p[:oh, :ow, 1]) for r, p in zip(np.asarray(reg)[:b], np.asarray(prob)[:b])]
+        return lambda: [(r[:oh, :ow], p[:oh, :ow, 1])
+                        for r, p in zip(np.asarray(reg)[:b], np.asarray(prob)[:b])]
 
     def _pnet_maps(self, pixels: np.ndarray):
         """PNet on one pyramid level through the bucketed program: (reg [oh, ow, 4], prob [oh, ow])."""
