@@ -244,12 +244,12 @@ class Tally:
     def __init__(self, side: sidecar.VideoSidecar, outputs: Sequence[str]):
         self.outputs = list(outputs)
         self.size = side.size
-        self.track_of = {}  # (frame, track) present
+        self.present = set()  # (frame index, track) of every face-frame
         self.kept = []  # per track: the frames whose embeddings enter the consistency
         for t, entries in enumerate(side.tracks):
             frames = [f for f, _ in entries]
             self.kept.append(set(frames[::max(1, math.ceil(len(frames) / MAX_CONSISTENCY_FRAMES))]))
-            self.track_of.update({(f, t): True for f in frames})
+            self.present.update((f, t) for f in frames)
         views = ["original", *self.outputs]
         self.emb = {v: [[] for _ in side.tracks] for v in views}
         self.flicker = {v: [[] for _ in side.tracks] for v in views}
@@ -309,7 +309,7 @@ def _frame_step(tally: Tally, nets, pipe, index: int, images: dict, previous: di
         _face_step(tally, nets, pipe, index, images, faces)
     for a, t in faces:
         box = face_box(a, (h, w))
-        if previous is not None and box is not None and (index - 1, t) in tally.track_of:
+        if previous is not None and box is not None and (index - 1, t) in tally.present:
             for v in ["original", *tally.outputs]:
                 tally.flicker[v][t].append(flicker(previous[_view(v)], images[_view(v)], box))
     if index in tally.sample_at:
