@@ -41,7 +41,6 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ifadit_jax import align, files, imageio, sidecar
-from ifadit_jax import flow as flow_lib
 from ifadit_jax import pipeline as pipeline_lib
 from ifadit_jax import refine as refine_lib
 from ifadit_jax.errors import InputError
@@ -278,16 +277,16 @@ def identities(pipe, crops: np.ndarray, batch: int) -> np.ndarray:
 def anonymized_identities(pipe, z_tracks: np.ndarray, k) -> np.ndarray:
     """T(z_track, k) for every track: [N, 512] -> [N, 512]."""
     k = jnp.broadcast_to(jnp.asarray(k, jnp.float32).reshape(-1, 512)[:1], (len(z_tracks), 512))
-    return np.asarray(flow_lib.sif_forward(pipe.nets.flow, jnp.asarray(z_tracks, jnp.float32), k)[0])
+    return np.asarray(pipe.nets.apply("flow", jnp.asarray(z_tracks, jnp.float32), k)[0])
 
 
 def recovered_identities(pipe, z_tracks: np.ndarray, k) -> np.ndarray:
     """T^-1(C(z_track), k) for every track (C skipped without ICL): [N, 512] -> [N, 512]."""
     nets = pipe.nets
     z = jnp.asarray(z_tracks, jnp.float32)
-    z = z if nets.icl_module is None else nets.icl_module.apply(nets.icl_vars, z)
+    z = nets.apply("icl", z) if "icl" in nets else z
     k = jnp.broadcast_to(jnp.asarray(k, jnp.float32).reshape(-1, 512)[:1], (len(z_tracks), 512))
-    return np.asarray(flow_lib.sif_inverse(nets.flow, z, k)[0])
+    return np.asarray(nets.apply("flow", z, k, method="inverse")[0])
 
 
 def render_frame(pipe, rgb: np.ndarray, faces, refine: bool, batch: int) -> np.ndarray:

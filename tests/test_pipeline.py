@@ -96,7 +96,7 @@ def test_refinement_blends_with_the_parser_mask(pipe, e2e):
     np.testing.assert_allclose(inter["generated"], nchw_to_nhwc(e2e["img_anon"]), atol=TOL["img_anon"])
     from ifadit_jax import refine
     assert roles.ROLES["parser"].kind == "bisenet"
-    want_mask = refine.face_mask_from_parser(pipe.nets.parser_module, pipe.nets.parser_vars, jnp.asarray(x))
+    want_mask = refine.face_mask_from_parser(pipe.nets.module("parser"), pipe.nets["parser"], jnp.asarray(x))
     np.testing.assert_allclose(mask, want_mask, atol=1e-6)
 
 
@@ -107,11 +107,11 @@ def test_pure_functions_jit_and_grad(pipe, e2e):
     k = jnp.asarray(e2e["k"])
 
     def loss(flow_params):
-        nets = pipe.nets.replace(flow=flow_params)
+        nets = pipe.nets.with_variables({"flow": flow_params})
         out, _ = pipeline.anonymize(nets, x, k, refine=False)
         return jnp.mean(out)
 
-    g = jax.jit(jax.grad(loss))(pipe.nets.flow)
+    g = jax.jit(jax.grad(loss))(pipe.nets["flow"])
     norms = [float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(g)]
     assert all(np.isfinite(norms)) and sum(norms) > 0
 
@@ -167,5 +167,5 @@ def test_conventions_are_checked_against_the_weights(tmp_path, release_weights):
     with pytest.raises(WeightsError, match="'allinone' variant but the 'paper' conventions"):
         pipeline.load(copy)
     paper = random_nets.random_pipeline(0, conventions=pipeline.PAPER)
-    assert paper.nets.flow.config.variant == "sacb"
-    assert tuple(paper.nets.attr_module.input_range) == (-1.0, 1.0)
+    assert paper.nets.modules["flow"].config.variant == "sacb"
+    assert tuple(paper.nets.modules["attr_encoder"].input_range) == (-1.0, 1.0)
