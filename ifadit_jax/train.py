@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ifadit_jax import cli
+from ifadit_jax import cli, pipeline
 from ifadit_jax.data import DataConfig, make_dataset
 from ifadit_jax.errors import IfaditError, InputError
 from ifadit_jax.training import checkpoints, freezing, networks, objective, writers
@@ -57,6 +57,8 @@ def _check(config) -> None:
         problems.append(f"sample_every must be >= 0 (0: no samples), got {config.sample_every}")
     if config.matmul_precision not in PRECISIONS:
         problems.append(f"matmul_precision must be one of {PRECISIONS}, got {config.matmul_precision!r}")
+    if config.precision not in pipeline.PRECISIONS:
+        problems.append(f"precision must be one of {pipeline.PRECISIONS}, got {config.precision!r}")
     if config.attr_batch_norm not in BN_MODES:
         problems.append(f"attr_batch_norm must be one of {BN_MODES}, got {config.attr_batch_norm!r}")
     if problems:
@@ -328,6 +330,7 @@ COMMON_FIELDS = (
     ("trainable", "roles this run trains"),
     ("export_weights", "write WORKDIR/weights at the end (pipeline.load format)"),
     ("matmul_precision", "default | float32 | tensorfloat32 | bfloat16"),
+    ("precision", "network compute dtype: float32 | bfloat16 (flow, ICL, losses stay float32)"),
 )
 
 

@@ -654,7 +654,7 @@ def anonymize_command(args, kdf) -> int:
         print("warning: h264 is lossy: recovery from it will be degraded; the default ffv1 is "
               "lossless", file=sys.stderr)
     cli.setup(args)
-    pipe = pipeline_lib.load(args.weights)
+    pipe = pipeline_lib.load(args.weights, precision=args.precision)
     detector = commands.load_detector(args.weights, args.detector)
     key = (commands.vector_key(pipe, args.key_vector) if kdf is None
            else commands.secret_key(pipe, args, kdf, args.key_check))
@@ -679,7 +679,7 @@ def recover_command(args) -> int:
     side = sidecar.read_video(side_path, args.kdf_allow_costly)
     dst = plan_output(args.input, args.output, args.force)
     cli.setup(args)
-    pipe = pipeline_lib.load(args.weights)
+    pipe = pipeline_lib.load(args.weights, precision=args.precision)
     if side.weights_id != pipe.weights_id or side.conventions != pipe.conventions.name:
         raise InputError(f"{args.input}: anonymized with weights {sidecar.printable(side.weights_id)} "
                          f"({side.conventions}), these are {pipe.weights_id}")

@@ -169,8 +169,8 @@ def _conventions(cfg) -> pipeline.Conventions:
 
 
 def build(config) -> Networks:
-    """All networks of a run from `config.nets`, `config.loss_nets`, `config.trainable` and
-    `config.use_icl` (see the module docstring)."""
+    """All networks of a run from `config.nets`, `config.loss_nets`, `config.trainable`,
+    `config.use_icl` and `config.precision` (see the module docstring)."""
     cfg = config.nets
     conventions = _conventions(cfg)
     trainable = freezing.check_trainable(config.trainable)
@@ -192,6 +192,7 @@ def build(config) -> Networks:
     if "parser" not in nets:
         raise WeightsError("training needs the face parser (bisenet.safetensors): refinement and "
                            "the face-parser term of L_Img use it")
+    nets = nets.with_precision(config.precision)
     real = cfg.source == "files" or cfg.widths == "real"
     return Networks(nets=nets, loss_nets=build_loss_nets(config.loss_nets, real), roles=records)
 
