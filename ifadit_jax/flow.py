@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import flax.struct
 import jax
@@ -433,7 +434,7 @@ class SifModule:
         self.config, self.perms = config, perms
 
     @classmethod
-    def split(cls, params: SifParams) -> tuple["SifModule", dict]:
+    def split(cls, params: SifParams) -> tuple[SifModule, dict]:
         """(module, variables) of a `SifParams` (e.g. from `init_sif`)."""
         return cls(params.config, params.perms), {
             "params": {f"block_{i}": b for i, b in enumerate(params.blocks)}}
@@ -479,10 +480,6 @@ class Flow(base.Loaded):
 
     def _setup(self, variables: dict) -> tuple[SifModule, dict]:
         return SifModule.split(from_variables(variables, self.config, self.what))
-
-    @classmethod
-    def from_params(cls, params: SifParams, meta: Any = None) -> "Flow":
-        return cls(params.config, to_variables(params), meta)
 
     @property
     def params(self) -> SifParams:

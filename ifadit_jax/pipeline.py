@@ -32,7 +32,8 @@ import collections.abc
 import dataclasses
 import functools
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.struct
 import jax
@@ -113,7 +114,7 @@ class ReducedPrecision:
         out = self.module.apply(_cast_floats(variables, low), *_cast_floats(args, low), **kwargs)
         return _cast_floats(out, jnp.dtype(jnp.float32))
 
-    def clone(self, **changes) -> "ReducedPrecision":
+    def clone(self, **changes) -> ReducedPrecision:
         return ReducedPrecision(self.module.clone(**changes), self.dtype)
 
     def __getattr__(self, name: str) -> Any:
@@ -183,7 +184,7 @@ class Nets:
         """`module(role).apply(nets[role], *args, **kwargs)`."""
         return self.module(role).apply(self.variables[role], *args, **kwargs)
 
-    def with_variables(self, tree: Mapping[str, dict]) -> "Nets":
+    def with_variables(self, tree: Mapping[str, dict]) -> Nets:
         """The roles of `tree` ({role: {collection: ...}}) replaced; collections absent from a
         role's entry kept."""
         unknown = [r for r in tree if r not in self.modules]
@@ -194,7 +195,7 @@ class Nets:
             new[role] = {**self.variables.get(role, {}), **variables}
         return self.replace(variables=new)
 
-    def with_role(self, role: str, module: Any, variables: dict) -> "Nets":
+    def with_role(self, role: str, module: Any, variables: dict) -> Nets:
         """`role` replaced (or added) with another module and its variables."""
         return self.replace(modules=StaticMap({**self.modules, role: module}),
                             variables={**self.variables, role: variables})
@@ -203,12 +204,12 @@ class Nets:
         """{role: {collection: tree}} of `which` (default: every role holding weights)."""
         return {r: self.variables[r] for r in (self.variables if which is None else which)}
 
-    def without(self, which) -> "Nets":
+    def without(self, which) -> Nets:
         """The weights of `which` left out, modules kept (a frozen bundle holds no second copy
         of what trains: `with_variables` puts them back)."""
         return self.replace(variables={r: v for r, v in self.variables.items() if r not in which})
 
-    def drop(self, role: str) -> "Nets":
+    def drop(self, role: str) -> Nets:
         """`role` left out entirely (an optional role: no ICL, no parser)."""
         if not roles.ROLES[role].optional:
             raise ValueError(f"role {role!r} is not optional")
@@ -222,7 +223,7 @@ class Nets:
         variables = self.variables[role]
         return to_file(variables) if to_file else jax.tree.map(np.asarray, dict(variables))
 
-    def with_precision(self, precision: str) -> "Nets":
+    def with_precision(self, precision: str) -> Nets:
         """The same networks computing in `precision` (see the class docstring)."""
         return self.replace(precision=check_precision(precision))
 
@@ -318,8 +319,12 @@ _anonymize_jit = jax.jit(anonymize, static_argnames=("refine",))
 _recover_jit = jax.jit(recover, static_argnames=("refine",))
 
 
+# One jitted function for every call: a jit made per call would trace and compile f again.
+_mapping_apply = jax.jit(lambda nets, u: mapping(nets)(u))
+
+
 def _mapping_jit(nets: Nets):
-    return functools.partial(jax.jit(lambda n, u: mapping(n)(u)), nets)
+    return functools.partial(_mapping_apply, nets)
 
 
 class Pipeline:

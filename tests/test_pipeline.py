@@ -169,3 +169,14 @@ def test_conventions_are_checked_against_the_weights(tmp_path, release_weights):
     paper = random_nets.random_pipeline(0, conventions=pipeline.PAPER)
     assert paper.nets.modules["flow"].config.variant == "sacb"
     assert tuple(paper.nets.modules["attr_encoder"].input_range) == (-1.0, 1.0)
+
+
+def test_the_key_mapping_is_traced_once(pipe, monkeypatch):
+    """Every key derivation reuses one compiled f (a jit made per call would trace it again)."""
+    traced = []
+    real = pipeline.mapping
+    monkeypatch.setattr(pipeline, "mapping", lambda nets: traced.append(1) or real(nets))
+    u = np.full((3, 512), 0.75, np.float32)  # a batch size no other test uses: traced here
+    first = pipe.key_from_vector(u)
+    np.testing.assert_array_equal(pipe.key_from_vector(u), first)
+    assert len(traced) == 1
