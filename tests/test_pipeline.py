@@ -180,3 +180,31 @@ def test_the_key_mapping_is_traced_once(pipe, monkeypatch):
     first = pipe.key_from_vector(u)
     np.testing.assert_array_equal(pipe.key_from_vector(u), first)
     assert len(traced) == 1
+
+
+def test_nets_are_keyed_by_role_and_a_new_role_is_one_row(release_weights, pipe, tmp_path, monkeypatch):
+    nets = pipe.nets
+    assert nets.roles == tuple(roles.ROLES)
+    leaves, weights = jax.tree.leaves(nets), jax.tree.leaves(nets.variables)
+    assert len(leaves) == len(weights) and all(a is b for a, b in zip(leaves, weights))  # modules static
+    frozen = nets.without(("flow", "icl"))
+    assert set(frozen.variables) == set(roles.ROLES) - {"flow", "icl"} and "flow" in frozen
+    back = frozen.with_variables({"flow": nets["flow"], "icl": nets["icl"]})
+    assert jax.tree.structure(back) == jax.tree.structure(nets)
+    assert "icl" not in nets.drop("icl") and "icl" not in nets.drop("icl").variables
+    with pytest.raises(ValueError, match="not optional"):
+        nets.drop("generator")
+    with pytest.raises(KeyError, match="no network for role"):
+        nets.with_variables({"discriminator": {}})
+    # A role added to the registry loads from its file with no other change.
+    copy = tmp_path / "w"
+    copy.mkdir()
+    for f in release_weights.iterdir():
+        os.symlink(f, copy / f.name)
+    os.symlink(release_weights / "icl.safetensors", copy / "icl_second.safetensors")
+    monkeypatch.setitem(roles.ROLES, "icl_second",
+                        roles.Role("icl_second", "icl_second.safetensors", "icl", optional=True))
+    more = pipeline.load(copy).nets
+    assert more.roles == (*roles.ROLES,) and "icl_second" in more.roles
+    z = jnp.asarray(np.eye(2, 512, dtype=np.float32))
+    np.testing.assert_array_equal(more.apply("icl_second", z), nets.apply("icl", z))
