@@ -151,9 +151,13 @@ def _read_file(path: str) -> tuple[bytes, bytes]:
         raise WeightsError(f"{path}: cannot read ({e.strerror})") from None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):  # before fdopen, which refuses directories itself
-            os.close(fd)
-            raise WeightsError(f"{path}: not a regular file")
+    except OSError as e:
+        os.close(fd)
+        raise WeightsError(f"{path}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):  # before fdopen, which refuses directories itself
+        os.close(fd)
+        raise WeightsError(f"{path}: not a regular file")
+    try:
         with os.fdopen(fd, "rb") as f:
             head = f.read(8)
             size = int.from_bytes(head, "little") if len(head) == 8 else -1
