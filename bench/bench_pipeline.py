@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifadit_jax import flow as flow_lib
 from ifadit_jax import pipeline, random_nets
 
 
@@ -39,7 +38,7 @@ def bench(name: str, configs: dict, batch: int, repeats: int) -> None:
     stages = {
         "E_ID": (jax.jit(pipeline.identity), (nets, x)),
         "E_Attr": (jax.jit(pipeline.attributes), (nets, x)),
-        "T": (jax.jit(lambda n, z, k: flow_lib.sif_forward(n.flow, z, k)), (nets, z, k)),
+        "T": (jax.jit(lambda n, z, k: n.apply("flow", z, k)), (nets, z, k)),
         "M+G": (jax.jit(pipeline.render), (nets, z, attr)),
         "mask": (jax.jit(pipeline.face_mask), (nets, x)),
     }

@@ -68,6 +68,9 @@ def get_config(arg=None):
     # "default" | "float32" | "tensorfloat32" | "bfloat16": matmul/conv precision of the step;
     # the flow always runs in float32 at HIGHEST precision.
     c.matmul_precision = "default"
+    # "float32" | "bfloat16": the compute dtype of E_ID, E_Attr, M, G and the parser
+    # (pipeline.Nets.precision). Weights, optimizer state, the flow, ICL and the losses stay float32.
+    c.precision = "float32"
 
     if "smoke" in words:
         apply_smoke(c)

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifadit_jax import align, imageio, keys as keys_lib, metrics, pipeline, random_nets, roles
+from ifadit_jax import align, imageio, keys as keys_lib, metrics, pipeline, random_nets
 from ifadit_jax import weights
 from ifadit_jax.data import sources
 from ifadit_jax.errors import InputError
@@ -173,7 +173,7 @@ def embed(nets: MetricNets, pipe_nets: pipeline.Nets, images) -> dict[str, jax.A
     if nets.arcface is not None:
         # A separate evaluation ArcFace runs through the pipeline's own identity path (same
         # crop, pooling and input range), standing in for E_ID.
-        id_nets = pipe_nets.replace(id_module=nets.arcface.module, id_vars=nets.arcface.variables)
+        id_nets = pipe_nets.with_role("id_encoder", nets.arcface.module, nets.arcface.variables)
     out = {"arcface": _pipeline_identity(id_nets, images)}
     if nets.adaface is not None:
         out["adaface"] = _adaface_identity(nets.adaface.module, nets.adaface.variables, images)
@@ -648,19 +648,19 @@ def demo_ablations(base: pipeline.Pipeline) -> dict[str, pipeline.Pipeline]:
     for i, name in enumerate(ABLATIONS):
         nets = base.nets
         if name == "no_icl":
-            nets = roles.drop(nets, "icl")
+            nets = nets.drop("icl")
         elif name != "full":
             rng = np.random.default_rng(100 + i)
             # tree.map keeps the flow's static part (permutations), so no new programs compile
-            nets = nets.replace(flow=jax.tree.map(
-                lambda a: a + np.float32(0.05) * rng.standard_normal(a.shape).astype(np.float32), nets.flow))
+            nets = nets.with_variables({"flow": jax.tree.map(
+                lambda a: a + np.float32(0.05) * rng.standard_normal(a.shape).astype(np.float32), nets["flow"])})
         out[name] = pipeline.Pipeline(nets, weights_id=f"{base.weights_id}-{name}", manifest=base.manifest)
     return out
 
 
 def describe_pipeline(pipe: pipeline.Pipeline, where: str) -> dict:
     return {"weights_id": pipe.weights_id, "conventions": pipe.conventions.name, "source": where,
-            "icl": pipe.nets.icl_module is not None, "refinement": pipe.nets.parser_module is not None}
+            "icl": "icl" in pipe.nets, "refinement": "parser" in pipe.nets}
 
 
 def summary(values: np.ndarray) -> dict:

@@ -448,6 +448,7 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
                                   "video (.mkv)")
     p.add_argument("--weights", required=True, help="weights folder (ports/convert_ifadit.py release)")
     p.add_argument("--batch", type=int, default=4, help="faces per batch (default 4)")
+    p.add_argument("--precision", choices=pipeline_lib.PRECISIONS, default="float32", help="network compute precision (bfloat16: E_ID, E_Attr, M, G, parser; flow and keys stay float32)")
     p.add_argument("--force", action="store_true",
                    help="replace existing outputs (only images this tool wrote, with their sidecar)")
     p.add_argument("--key-vector", metavar="U.npy",
@@ -506,7 +507,7 @@ def anonymize_main(argv: Sequence[str]) -> int:
         print(f"warning: {work.output} is lossy (JPEG): recovery from it will be degraded; use "
               ".png", file=sys.stderr)
     cli.setup(args)
-    pipe = pipeline_lib.load(args.weights)
+    pipe = pipeline_lib.load(args.weights, precision=args.precision)
     detector = None if args.aligned else load_detector(args.weights, args.detector)
     key = vector_key(pipe, args.key_vector) if kdf is None else secret_key(pipe, args, kdf, args.key_check)
     _check_resume(work.done, pipe, key, args.kdf_allow_costly)
@@ -605,7 +606,7 @@ def recover_main(argv: Sequence[str]) -> int:
     if not work.jobs:
         return _report(failures, len(failures), 0, work, args.quiet)
     cli.setup(args)
-    pipe = pipeline_lib.load(args.weights)
+    pipe = pipeline_lib.load(args.weights, precision=args.precision)
     key = recovery_key(pipe, args, next(iter(records.values())))
 
     def prepare(job):

@@ -125,7 +125,7 @@ def report(out, title, ids, steady, compile_s, pipe) -> None:
         if name != "original":
             print(f"  {name:10s} {cosine(e, ids['original']):+.3f}")
     print(f"throughput: {1 / steady:.2f} anonymize+recover per second (batch 1, "
-          f"{pipe.nets.generator_module.config.resolution}px, after {compile_s:.1f} s of compilation)")
+          f"{pipe.nets.modules['generator'].config.resolution}px, after {compile_s:.1f} s of compilation)")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import flax.struct
 import jax
@@ -117,7 +118,17 @@ class SifConfig(base.NetConfig):
 
     from_dict = classmethod(lambda cls, d: cls.from_json(d))  # the name older callers use
 
+    def module(self, perms: Permutations | None = None) -> SifModule:
+        """The flow's module; an allinone flow needs its permutations (from its file, or
+        `init_sif`'s)."""
+        return SifModule(self, perms)
+
+    def init_inputs(self) -> tuple:
+        """z [1, dim] and k [1, cond_dim]: what `SifModule.apply` takes."""
+        return base.spec(1, self.dim), base.spec(1, self.cond_dim)
+
     def variable_shapes(self) -> dict:
+        # Not `eval_shape` of an init: the file layout, with the permutations as int32 consts.
         return expected_variables(self)
 
 
@@ -406,32 +417,73 @@ def from_variables(variables: dict, config: SifConfig, what: str = "SIF weights"
 # Loaded flow
 
 
-class Flow:
+class SifModule:
+    """The flow as a network role's module (`pipeline.Nets`): the static part, config and
+    permutations, with a Flax-like `apply`; its variables are {"params": {"block_i": ...}}, the
+    blocks (the only leaves: what training differentiates).
+
+    module.apply(variables, x, k, method="forward" | "inverse") -> (y [B, dim], log|det| [B])
+    """
+
+    __slots__ = ("config", "perms")
+
+    def __init__(self, config: SifConfig, perms: Permutations | None = None):
+        if (config.variant == "allinone") != (perms is not None):
+            raise WeightsError(f"a '{config.variant}' flow "
+                               + ("needs" if perms is None else "has no") + " permutations")
+        self.config, self.perms = config, perms
+
+    @classmethod
+    def split(cls, params: SifParams) -> tuple[SifModule, dict]:
+        """(module, variables) of a `SifParams` (e.g. from `init_sif`)."""
+        return cls(params.config, params.perms), {
+            "params": {f"block_{i}": b for i, b in enumerate(params.blocks)}}
+
+    def params(self, variables: dict) -> SifParams:
+        """The `SifParams` the pure functions take, from this module's variables."""
+        blocks = variables["params"]
+        return SifParams(blocks=tuple(blocks[f"block_{i}"] for i in range(self.config.n_blocks)),
+                         config=self.config, perms=self.perms)
+
+    def apply(self, variables: dict, x, k, method: str = "forward"):
+        """`sif_forward` ("forward") or `sif_inverse` ("inverse") of x under keys k."""
+        fn = {"forward": sif_forward, "inverse": sif_inverse}[method]
+        return fn(self.params(variables), x, k)
+
+    def file_variables(self, variables: dict) -> dict:
+        """The on-disk layout (`to_variables`: with the permutations as int32 consts)."""
+        return to_variables(self.params(variables))
+
+    def __hash__(self):
+        return hash((self.config, self.perms))
+
+    def __eq__(self, other):
+        return (isinstance(other, SifModule) and self.config == other.config
+                and self.perms == other.perms)
+
+    def __repr__(self):
+        return f"SifModule({self.config!r})"
+
+
+class Flow(base.Loaded):
     """A loaded SIF. `forward(z, k)` and `inverse(y, k)` are jitted and return
     (output [B, dim] float32, log|det| [B] float32), like the official `G_net(x, c=[k], rev=...)`.
 
     z, y: [B, dim] identity vectors; k: [B, cond_dim] keys or one [cond_dim] key for the batch.
-    Inside other jitted code call the pure functions: `sif_forward(flow.params, z, k)`.
+    Validated on load like every network (`base.Loaded`); `module` is a `SifModule` (the
+    permutations read from the file), `variables` the blocks ({"params": ...}) and `params` the
+    `SifParams` of the pure functions: inside other jitted code call
+    `sif_forward(flow.params, z, k)`.
     """
 
     CONFIG = SifConfig
 
-    def __init__(self, params: SifParams, meta=None):
-        self.params = params
-        self.config = params.config
-        self.meta = meta
-
-    @classmethod
-    def from_weights(cls, variables: dict, meta) -> "Flow":
-        """Loader for kind "sif" (see `ifadit_jax.load`): the same validation as every network."""
-        what = meta.path or meta.source_file or "SIF weights"
-        config = base.parse_config(SifConfig, meta.config, what)
-        base.check_against_config(config, variables, what)
-        return cls(from_variables(variables, config, what), meta)
+    def _setup(self, variables: dict) -> tuple[SifModule, dict]:
+        return SifModule.split(from_variables(variables, self.config, self.what))
 
     @property
-    def variables(self) -> dict:
-        return to_variables(self.params)
+    def params(self) -> SifParams:
+        return self.module.params(self.variables)
 
     def _check(self, x, k):
         x, k = jnp.asarray(x), jnp.asarray(k)
@@ -453,9 +505,6 @@ class Flow:
         return sif_inverse(self.params, *self._check(y, k))
 
     __call__ = forward
-
-    def __repr__(self):
-        return f"Flow({self.config})"
 
 
 from_weights = Flow.from_weights

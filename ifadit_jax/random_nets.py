@@ -73,7 +73,7 @@ def role_config(role: str, configs: dict, conventions: pipeline.Conventions) -> 
     """The config of `role` in a preset, completed by the conventions (the flow's variant,
     E_Attr's input range)."""
     if role == "flow":
-        return flow_lib.SifConfig(variant=conventions.flow_variant).to_dict()
+        return flow_lib.SifConfig(variant=conventions.flow_variant).to_json()
     config = dict(configs[role])
     if role == "attr_encoder":
         config["input_range"] = list(conventions.attr_input_range)
@@ -86,24 +86,20 @@ def random_variables(role: str, config: dict, rng, seed: int) -> dict:
     from ifadit_jax.nets import stylegan2
 
     if role == "flow":
-        return flow_lib.to_variables(flow_lib.init_sif(rng, flow_lib.SifConfig.from_dict(config)))
+        return flow_lib.to_variables(flow_lib.init_sif(rng, flow_lib.SifConfig.from_json(config)))
     if role == "generator":
         return stylegan2.init_variables(stylegan2.Config.from_json(config), rng)
-    r = roles.ROLES[role]
-    module = r.build(config)
-    shapes = jax.eval_shape(module.init, rng, *(jnp.zeros(s) for s in r.init_inputs))
-    return random_like(shapes, seed)
+    return random_like(roles.ROLES[role].config(config).variable_shapes(), seed)
 
 
 def fresh_variables(role: str, config: dict, rng) -> dict:
-    """The official initialization of a trainable role (`module.init`; the flow's
-    `flow.init_sif`), as a run from scratch starts it."""
+    """The official initialization of a trainable role (`module.init` on the config's
+    `init_inputs`; the flow's `flow.init_sif`), as a run from scratch starts it. On-disk layout."""
     if role == "flow":
-        return flow_lib.to_variables(flow_lib.init_sif(rng, flow_lib.SifConfig.from_dict(config)))
-    r = roles.ROLES[role]
-    module = r.build(config)
-    inputs = [jnp.zeros(s, jnp.float32) for s in r.init_inputs]
-    return jax.tree.map(np.asarray, jax.jit(module.init)(rng, *inputs))
+        return flow_lib.to_variables(flow_lib.init_sif(rng, flow_lib.SifConfig.from_json(config)))
+    net_config = roles.ROLES[role].config(config)
+    inputs = [jnp.zeros(s.shape, s.dtype) for s in net_config.init_inputs()]
+    return jax.tree.map(np.asarray, jax.jit(net_config.module().init)(rng, *inputs))
 
 
 def loaded(role: str, variables: dict, config: dict):
@@ -152,9 +148,10 @@ def random_pipeline(seed: int = 0, conventions: pipeline.Conventions = pipeline.
     # Two gains so that the key visibly matters: FrEIA's initialization leaves a random flow
     # almost independent of the key (z moves ~1% between keys), and random E_Attr output layers
     # emit W+ codes of magnitude ~70 that drown the unit-length identity in M's input.
-    nets = nets.replace(
-        flow=_scale_leaves(nets.flow, RANDOM_FLOW_GAIN, "kernel"),
-        attr_vars=_scale_leaves(nets.attr_vars, RANDOM_ATTR_GAIN, "weight", under="style_"))
+    nets = nets.with_variables({
+        "flow": _scale_leaves(nets["flow"], RANDOM_FLOW_GAIN, "kernel"),
+        "attr_encoder": _scale_leaves(nets["attr_encoder"], RANDOM_ATTR_GAIN, "weight",
+                                      under="style_")})
     return pipeline.Pipeline(nets, weights_id=f"random-{seed}")
 
 

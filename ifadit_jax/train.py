@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ifadit_jax import cli, roles
+from ifadit_jax import cli, pipeline
 from ifadit_jax.data import DataConfig, make_dataset
 from ifadit_jax.errors import IfaditError, InputError
 from ifadit_jax.training import checkpoints, freezing, networks, objective, writers
@@ -57,6 +57,8 @@ def _check(config) -> None:
         problems.append(f"sample_every must be >= 0 (0: no samples), got {config.sample_every}")
     if config.matmul_precision not in PRECISIONS:
         problems.append(f"matmul_precision must be one of {PRECISIONS}, got {config.matmul_precision!r}")
+    if config.precision not in pipeline.PRECISIONS:
+        problems.append(f"precision must be one of {pipeline.PRECISIONS}, got {config.precision!r}")
     if config.attr_batch_norm not in BN_MODES:
         problems.append(f"attr_batch_norm must be one of {BN_MODES}, got {config.attr_batch_norm!r}")
     if problems:
@@ -128,7 +130,7 @@ def _start_networks(config, built, latest: int | None):
 
 def _initial_state(config, built, trainable):
     """(label tree, optimizer, host TrainState) of the roles that train."""
-    tree = roles.weights_tree(built.nets)
+    tree = built.nets.weights_tree()
     labels = freezing.labels(tree, trainable)
     carried = freezing.carried(tree, labels)
     params = {role: tree[role] for role in carried}
@@ -177,7 +179,7 @@ def setup(config, workdir: str) -> Run:
     return Run(config=config, workdir=workdir, devices=devices, built=built, labels=labels,
                obj=obj, optimizer=optimizer, p_step=step_lib.make_step(obj, optimizer, devices),
                state=step_lib.replicate(state, devices),
-               frozen=step_lib.replicate(roles.without(built.nets, tuple(labels)), devices),
+               frozen=step_lib.replicate(built.nets.without(tuple(labels)), devices),
                loss_nets=step_lib.replicate(built.loss_nets, devices),
                data_it=data_it, ckpts=ckpts, restored_step=latest)
 
@@ -277,7 +279,7 @@ def _train_steps(run: Run, out: _Outputs) -> dict:
 def _export(run: Run) -> None:
     """WORKDIR/weights: every network of the run with the trained ones' final weights."""
     final = step_lib.unreplicate(run.state)
-    nets = roles.with_weights_tree(run.built.nets, final.params)
+    nets = run.built.nets.with_variables(final.params)
     out = os.path.join(run.workdir, "weights")
     total = int(run.config.total_steps)
     ident = networks.export_weights(nets, run.built.roles, out,
@@ -328,6 +330,7 @@ COMMON_FIELDS = (
     ("trainable", "roles this run trains"),
     ("export_weights", "write WORKDIR/weights at the end (pipeline.load format)"),
     ("matmul_precision", "default | float32 | tensorfloat32 | bfloat16"),
+    ("precision", "network compute dtype: float32 | bfloat16 (flow, ICL, losses stay float32)"),
 )
 
 

@@ -43,7 +43,6 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ifadit_jax import align, files, imageio, sidecar
-from ifadit_jax import flow as flow_lib
 from ifadit_jax import pipeline as pipeline_lib
 from ifadit_jax import refine as refine_lib
 from ifadit_jax.errors import InputError
@@ -367,16 +366,16 @@ def _embed_many(pipe, frames: list, transforms: list, batch: int) -> list:
 def anonymized_identities(pipe, z_tracks: np.ndarray, k) -> np.ndarray:
     """T(z_track, k) for every track: [N, 512] -> [N, 512]."""
     k = jnp.broadcast_to(jnp.asarray(k, jnp.float32).reshape(-1, 512)[:1], (len(z_tracks), 512))
-    return np.asarray(flow_lib.sif_forward(pipe.nets.flow, jnp.asarray(z_tracks, jnp.float32), k)[0])
+    return np.asarray(pipe.nets.apply("flow", jnp.asarray(z_tracks, jnp.float32), k)[0])
 
 
 def recovered_identities(pipe, z_tracks: np.ndarray, k) -> np.ndarray:
     """T^-1(C(z_track), k) for every track (C skipped without ICL): [N, 512] -> [N, 512]."""
     nets = pipe.nets
     z = jnp.asarray(z_tracks, jnp.float32)
-    z = z if nets.icl_module is None else nets.icl_module.apply(nets.icl_vars, z)
+    z = nets.apply("icl", z) if "icl" in nets else z
     k = jnp.broadcast_to(jnp.asarray(k, jnp.float32).reshape(-1, 512)[:1], (len(z_tracks), 512))
-    return np.asarray(flow_lib.sif_inverse(nets.flow, z, k)[0])
+    return np.asarray(nets.apply("flow", z, k, method="inverse")[0])
 
 
 def render_frames(pipe, frames: list, faces: list, refine: bool, batch: int) -> list:
@@ -823,7 +822,7 @@ def anonymize_command(args, kdf) -> int:
         print("warning: h264 is lossy: recovery from it will be degraded; the default ffv1 is "
               "lossless", file=sys.stderr)
     cli.setup(args)
-    pipe = pipeline_lib.load(args.weights)
+    pipe = pipeline_lib.load(args.weights, precision=args.precision)
     detector = commands.load_detector(args.weights, args.detector)
     key = (commands.vector_key(pipe, args.key_vector) if kdf is None
            else commands.secret_key(pipe, args, kdf, args.key_check))
@@ -848,7 +847,7 @@ def recover_command(args) -> int:
     side = sidecar.read_video(side_path, args.kdf_allow_costly)
     dst = plan_output(args.input, args.output, args.force)
     cli.setup(args)
-    pipe = pipeline_lib.load(args.weights)
+    pipe = pipeline_lib.load(args.weights, precision=args.precision)
     if side.weights_id != pipe.weights_id or side.conventions != pipe.conventions.name:
         raise InputError(f"{args.input}: anonymized with weights {sidecar.printable(side.weights_id)} "
                          f"({side.conventions}), these are {pipe.weights_id}")

@@ -114,50 +114,67 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], meta: Meta) -> N
         save_file(tensors, tmp, metadata=metadata)
 
 
-def read(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, Any], Meta]:
+def read(path: str | os.PathLike, kind: str | None = None,
+         validate_tensors: bool = True) -> tuple[dict[str, Any], Meta]:
     """Reads and validates a converted file; `kind`, if given, must match the file's kind.
 
     Everything a loader will rely on is checked here, before any network is built: a regular
     file with a bounded safetensors header, known kind, config schema, and every tensor's name,
     shape, dtype and finiteness against `jax.eval_shape` of the network built from the config.
-    Any problem is one WeightsError naming the file and the field or tensor.
+    Any problem is one WeightsError naming the file and the field or tensor. The header and the
+    tensors come from one open file (no second open that could meet another file).
+    `validate_tensors=False` leaves the config and tensor checks to the caller: a loaded
+    network (`loader(kind)`) runs them itself (`load` reads that way, so they run once).
     """
     path = os.fspath(path)
-    metadata = _header_metadata(path)
-    meta = _meta(path, metadata)
+    header, data = _read_file(path)
+    meta = _meta(path, _header_metadata(header, path))
     if kind is not None and meta.kind != kind:
         raise WeightsError(f"{path}: holds a '{meta.kind}' network, expected '{kind}'")
-    flat = _tensors(path)
-    variables = _unflatten_checked(flat, path)
-    validate(variables, meta, path)
+    variables = _unflatten_checked(_tensors(data, path), path)
+    if validate_tensors:
+        validate(variables, meta, path)
     return variables, meta
 
 
-def _header_metadata(path: str) -> dict[str, str]:
-    """The safetensors header's metadata, after checking the file and the header's bounds."""
+def _read_file(path: str) -> tuple[bytes, bytes]:
+    """(the safetensors header's JSON, the whole file) after checking, on the open file, that it
+    is a regular file whose header is bounded and fits in it."""
     try:
-        info = os.stat(path)
-    except OSError:
+        # O_NONBLOCK: should the path be a FIFO, open does not block (fstat then refuses it).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
         raise WeightsError(
             f"weights file not found: {path} (convert an official checkpoint with ports/convert_*.py; "
             "see README 'Weights')") from None
-    if not stat.S_ISREG(info.st_mode):
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        info = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise WeightsError(f"{path}: cannot read ({e.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):  # before fdopen, which refuses directories itself
+        os.close(fd)
         raise WeightsError(f"{path}: not a regular file")
     try:
-        # O_NONBLOCK: should the path have become a FIFO since the stat, open does not block.
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise WeightsError(f"{path}: not a regular file")
+        with os.fdopen(fd, "rb") as f:
             head = f.read(8)
             size = int.from_bytes(head, "little") if len(head) == 8 else -1
             if size < 2 or size > MAX_HEADER_BYTES or size + 8 > info.st_size:
                 raise WeightsError(f"{path}: not a converted ifadit-jax weights file (safetensors "
                                    f"header of {size} bytes; at most {MAX_HEADER_BYTES} that fit "
                                    "in the file)")
-            text = f.read(size)
+            header = f.read(size)
+            data = head + header + f.read(info.st_size - 8 - size)
     except OSError as e:
         raise WeightsError(f"{path}: cannot read ({e.strerror})") from None
-    header = _parse_header(text, path)
+    return header, data
+
+
+def _header_metadata(raw: bytes, path: str) -> dict[str, str]:
+    """The safetensors header's metadata, after checking the header (depth, JSON, dtypes)."""
+    header = _parse_header(raw, path)
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise WeightsError(f"{path}: not a converted ifadit-jax weights file (no '{FORMAT}' metadata)")
@@ -225,12 +242,14 @@ def _meta(path: str, metadata: Mapping[str, str]) -> Meta:
                 path=path)
 
 
-def _tensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError, safe_open
+def _tensors(data: bytes, path: str) -> dict[str, np.ndarray]:
+    """The tensors of a whole safetensors file `data` (the library checks every offset against
+    the buffer). Read-only arrays: views of `data`."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as load_bytes
 
     try:
-        with safe_open(path, framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        return load_bytes(data)
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise WeightsError(f"{path}: not a converted ifadit-jax weights file ({e})") from None
 
@@ -283,9 +302,10 @@ def loader(kind: str) -> Callable[[dict, Meta], Any]:
     return network_class(kind).from_weights
 
 
-def load(path: str | os.PathLike) -> Any:
-    """Loads any converted network; what it returns depends on the kind stored in the file."""
-    variables, meta = read(path)
+def load(path: str | os.PathLike, kind: str | None = None) -> Any:
+    """Loads any converted network (of `kind`, if given); what it returns depends on the kind
+    stored in the file. Validated once: by the loaded network (`nets.base.Loaded`)."""
+    variables, meta = read(path, kind=kind, validate_tensors=False)
     return loader(meta.kind)(variables, meta)
 
 

@@ -24,7 +24,6 @@ from PIL import Image
 
 from experiments import evaluate as ev
 from experiments import run, tables
-from ifadit_jax import flow as flow_lib
 from ifadit_jax import imageio, keys, pipeline, random_nets, weights, weights_folder
 from ifadit_jax import roles as roles_lib
 from ifadit_jax.errors import InputError, WeightsError
@@ -346,16 +345,14 @@ def test_cli_all_on_the_demo_with_kdf_keys(mtcnn_file, faces_dir, tmp_path):
 def save_weights_folder(pipe, out, roles=tuple(roles_lib.ROLES)):
     """Writes an in-memory demo pipeline as a weights folder (what a trainer exports)."""
     nets = pipe.nets
-    variables = {"id_encoder": nets.id_vars, "attr_encoder": nets.attr_vars, "mapper": nets.mapper_vars,
-                 "generator": nets.generator_vars, "icl": nets.icl_vars, "parser": nets.parser_vars}
     networks = {}
     for role in roles:
         name, kind = roles_lib.ROLES[role].file, roles_lib.ROLES[role].kind
         if role == "flow":
-            v, config = flow_lib.to_variables(nets.flow), nets.flow.config.to_dict()
+            config = nets.modules["flow"].config.to_json()
         else:
-            v, config = variables[role], random_nets.SMALL_CONFIGS[role]
-        networks[role] = (name, jax.tree.map(np.asarray, v), weights.Meta(kind=kind, config=config))
+            config = random_nets.SMALL_CONFIGS[role]
+        networks[role] = (name, nets.file_variables(role), weights.Meta(kind=kind, config=config))
     weights_folder.write(out, networks, "official")
     return out
 

@@ -96,7 +96,7 @@ def test_refinement_blends_with_the_parser_mask(pipe, e2e):
     np.testing.assert_allclose(inter["generated"], nchw_to_nhwc(e2e["img_anon"]), atol=TOL["img_anon"])
     from ifadit_jax import refine
     assert roles.ROLES["parser"].kind == "bisenet"
-    want_mask = refine.face_mask_from_parser(pipe.nets.parser_module, pipe.nets.parser_vars, jnp.asarray(x))
+    want_mask = refine.face_mask_from_parser(pipe.nets.module("parser"), pipe.nets["parser"], jnp.asarray(x))
     np.testing.assert_allclose(mask, want_mask, atol=1e-6)
 
 
@@ -107,11 +107,11 @@ def test_pure_functions_jit_and_grad(pipe, e2e):
     k = jnp.asarray(e2e["k"])
 
     def loss(flow_params):
-        nets = pipe.nets.replace(flow=flow_params)
+        nets = pipe.nets.with_variables({"flow": flow_params})
         out, _ = pipeline.anonymize(nets, x, k, refine=False)
         return jnp.mean(out)
 
-    g = jax.jit(jax.grad(loss))(pipe.nets.flow)
+    g = jax.jit(jax.grad(loss))(pipe.nets["flow"])
     norms = [float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(g)]
     assert all(np.isfinite(norms)) and sum(norms) > 0
 
@@ -167,5 +167,44 @@ def test_conventions_are_checked_against_the_weights(tmp_path, release_weights):
     with pytest.raises(WeightsError, match="'allinone' variant but the 'paper' conventions"):
         pipeline.load(copy)
     paper = random_nets.random_pipeline(0, conventions=pipeline.PAPER)
-    assert paper.nets.flow.config.variant == "sacb"
-    assert tuple(paper.nets.attr_module.input_range) == (-1.0, 1.0)
+    assert paper.nets.modules["flow"].config.variant == "sacb"
+    assert tuple(paper.nets.modules["attr_encoder"].input_range) == (-1.0, 1.0)
+
+
+def test_the_key_mapping_is_traced_once(pipe, monkeypatch):
+    """Every key derivation reuses one compiled f (a jit made per call would trace it again)."""
+    traced = []
+    real = pipeline.mapping
+    monkeypatch.setattr(pipeline, "mapping", lambda nets: traced.append(1) or real(nets))
+    u = np.full((3, 512), 0.75, np.float32)  # a batch size no other test uses: traced here
+    first = pipe.key_from_vector(u)
+    np.testing.assert_array_equal(pipe.key_from_vector(u), first)
+    assert len(traced) == 1
+
+
+def test_nets_are_keyed_by_role_and_a_new_role_is_one_row(release_weights, pipe, tmp_path, monkeypatch):
+    nets = pipe.nets
+    assert nets.roles == tuple(roles.ROLES)
+    leaves, weights = jax.tree.leaves(nets), jax.tree.leaves(nets.variables)
+    assert len(leaves) == len(weights) and all(a is b for a, b in zip(leaves, weights))  # modules static
+    frozen = nets.without(("flow", "icl"))
+    assert set(frozen.variables) == set(roles.ROLES) - {"flow", "icl"} and "flow" in frozen
+    back = frozen.with_variables({"flow": nets["flow"], "icl": nets["icl"]})
+    assert jax.tree.structure(back) == jax.tree.structure(nets)
+    assert "icl" not in nets.drop("icl") and "icl" not in nets.drop("icl").variables
+    with pytest.raises(ValueError, match="not optional"):
+        nets.drop("generator")
+    with pytest.raises(KeyError, match="no network for role"):
+        nets.with_variables({"discriminator": {}})
+    # A role added to the registry loads from its file with no other change.
+    copy = tmp_path / "w"
+    copy.mkdir()
+    for f in release_weights.iterdir():
+        os.symlink(f, copy / f.name)
+    os.symlink(release_weights / "icl.safetensors", copy / "icl_second.safetensors")
+    monkeypatch.setitem(roles.ROLES, "icl_second",
+                        roles.Role("icl_second", "icl_second.safetensors", "icl", optional=True))
+    more = pipeline.load(copy).nets
+    assert more.roles == (*roles.ROLES,) and "icl_second" in more.roles
+    z = jnp.asarray(np.eye(2, 512, dtype=np.float32))
+    np.testing.assert_array_equal(more.apply("icl_second", z), nets.apply("icl", z))

@@ -144,13 +144,13 @@ def test_ablation_objectives(faces):
         trainable = freezing.check_trainable(cfg.trainable)
         obj = objective.Objective(objective.LossWeights.from_config(cfg.losses), refine=cfg.refine,
                                   train_attr_bn="attr_encoder" in trainable)
-        tree = roles.weights_tree(built.nets)
+        tree = built.nets.weights_tree()
         labels = freezing.labels(tree, trainable)
         params = {role: tree[role] for role in freezing.carried(tree, labels)}
-        frozen = roles.without(built.nets, tuple(params))
+        frozen = built.nets.without(tuple(params))
 
         def loss(p, x):
-            nets = roles.with_weights_tree(frozen, p)
+            nets = frozen.with_variables(p)
             return objective.compute(obj, nets, built.loss_nets, x, jax.random.key(0), 0)[:2]
 
         fn = jax.vmap(jax.grad(loss, has_aux=True), in_axes=(None, 0), axis_name="batch")
@@ -158,7 +158,7 @@ def test_ablation_objectives(faces):
         return built.nets, set(grads), set(terms)
 
     nets, trained, terms = trace("smoke,no_icl,no_div,no_img")
-    assert nets.icl_module is None and trained == {"flow"}
+    assert "icl" not in nets and trained == {"flow"}
     assert {"anon", "deanon"} <= terms and not {"div", "img", "p1"} & terms
 
 
@@ -212,15 +212,15 @@ def test_phase2_smoke_run_from_phase1(run1, run2):
     pipe = pipeline.load(workdir / "weights")
     _, p1 = checkpoints.read_trained(run1[0])
     assert set(p1["attr_encoder"]) == {"params", "batch_stats"}
-    assert_trees_equal(pipe.nets.attr_vars, p1["attr_encoder"])
-    assert_trees_equal(pipe.nets.mapper_vars, p1["mapper"])
+    assert_trees_equal(pipe.nets["attr_encoder"], p1["attr_encoder"])
+    assert_trees_equal(pipe.nets["mapper"], p1["mapper"])
     _, p2 = checkpoints.read_trained(workdir)
     assert set(p2) == {"flow", "icl"}
-    assert_trees_equal(pipe.nets.icl_vars, p2["icl"])
-    assert_trees_equal(roles.weights_of(pipe.nets, "flow"), p2["flow"])
+    assert_trees_equal(pipe.nets["icl"], p2["icl"])
+    assert_trees_equal(pipe.nets["flow"], p2["flow"])
     fresh = networks.build(smoke(2, "unused")).nets
-    assert not np.array_equal(pipe.nets.flow.blocks[0]["w"]["fc0"]["kernel"],
-                              fresh.flow.blocks[0]["w"]["fc0"]["kernel"])
+    assert not np.array_equal(pipe.nets["flow"]["params"]["block_0"]["w"]["fc0"]["kernel"],
+                              fresh["flow"]["params"]["block_0"]["w"]["fc0"]["kernel"])
     grid = np.asarray(Image.open(workdir / "samples" / "step_00000002.png"))
     # input, anonymized, anonymized (2nd key), recovered, wrong key
     assert grid.shape == (writers.LABEL_HEIGHT + 4 * 256, 5 * 256, 3)
@@ -584,8 +584,8 @@ def test_networks_from_a_weights_folder(tmp_path):
     assert pipeline.load(folder).conventions == pipeline.PAPER
     cfg.nets.source, cfg.nets.dir = "files", folder
     built = networks.build(cfg)
-    assert_trees_equal(built.nets.generator_vars, start.nets.generator_vars)
-    assert_trees_equal(roles.weights_of(built.nets, "flow"), roles.weights_of(start.nets, "flow"))
+    assert_trees_equal(built.nets["generator"], start.nets["generator"])
+    assert_trees_equal(built.nets["flow"], start.nets["flow"])
     assert built.roles["attr_encoder"][1]["units"] == [1, 1, 1, 1]
     partial = tmp_path / "partial"
     partial.mkdir()

@@ -354,3 +354,42 @@ def test_a_cli_reports_a_bad_file_as_one_error_line_with_exit_code_3(tmp_path):
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "non-finite" in proc.stderr and path in proc.stderr
     assert not out.exists()
+
+
+def test_header_and_tensors_come_from_the_one_file_opened(tmp_path, monkeypatch):
+    """The file is opened once: swapping another valid file in under its name right after that
+    open changes nothing (a second open by name would read the other file's tensors)."""
+    kind = "icl"
+    mine = valid_variables(kind)
+    path = write(tmp_path / "w.safetensors", mine, metadata(kind, CONFIGS[kind]))
+    other = write(tmp_path / "other.safetensors", {k: v + 1 for k, v in mine.items()},
+                  metadata(kind, CONFIGS[kind]))
+    real_open, opened = os.open, []
+
+    def open_then_swap(file, *args, **kwargs):
+        fd = real_open(file, *args, **kwargs)
+        if os.fspath(file) == path:
+            opened.append(file)
+            os.replace(other, path)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_swap)
+    variables, _ = weights.read(path, kind=kind)
+    assert len(opened) == 1
+    got = weights.flatten(variables)
+    assert got.keys() == mine.keys()
+    assert all(np.array_equal(got[k], mine[k]) for k in mine)
+
+
+def test_loading_validates_the_tensors_once(tmp_path, monkeypatch):
+    from ifadit_jax.nets import base
+
+    kind = "arcface"
+    path = write(tmp_path / "w.safetensors", valid_variables(kind), metadata(kind, CONFIGS[kind]))
+    calls = []
+    real = base.check_variables
+    monkeypatch.setattr(base, "check_variables", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ifadit_jax.load(path)
+    assert len(calls) == 1
+    weights.read(path)  # reading alone validates too
+    assert len(calls) == 2

@@ -344,13 +344,18 @@ class Loaded:
     CONFIG: ClassVar[type[NetConfig]]
 
     def __init__(self, config: Any, variables: Mapping[str, Any], meta: Any = None):
-        what = _what(meta, self.CONFIG)
+        # `what`: how messages name this network (its file, else its kind).
+        what = self.what = _what(meta, self.CONFIG)
         self.config = parse_config(self.CONFIG, config, what)
         self.meta = meta
-        self.module = self.config.module()
         check_against_config(self.config, variables, what)
-        self.variables = jax.tree.map(jnp.asarray, dict(variables))
+        self.module, self.variables = self._setup(variables)
         self._jitted: dict[tuple, Callable] = {}
+
+    def _setup(self, variables: Mapping[str, Any]) -> tuple[Any, dict]:
+        """(module, variables in memory) from the checked file variables; a network whose
+        module depends on its file (the flow's permutations) overrides this."""
+        return self.config.module(), jax.tree.map(jnp.asarray, dict(variables))
 
     @classmethod
     def from_weights(cls, variables: Mapping[str, Any], meta: Any):

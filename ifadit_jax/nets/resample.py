@@ -40,7 +40,8 @@ def bilinear_align_corners(x: jax.Array, size: tuple[int, int],
     if cols is not None:
         cols = np.asarray(cols)
         w0, w1, lw0, lw1 = w0[cols], w1[cols], lw0[cols], lw1[cols]
-    lw0, lw1 = jnp.asarray(lw0)[:, None], jnp.asarray(lw1)[:, None]
+    # The taps in x's dtype: float32 taps would silently promote a bfloat16 network to float32.
+    lw0, lw1 = jnp.asarray(lw0, x.dtype)[:, None], jnp.asarray(lw1, x.dtype)[:, None]
     t = lw0 * x[:, :, w0, :] + lw1 * x[:, :, w1, :]
-    lh0, lh1 = jnp.asarray(lh0)[:, None, None], jnp.asarray(lh1)[:, None, None]
+    lh0, lh1 = jnp.asarray(lh0, x.dtype)[:, None, None], jnp.asarray(lh1, x.dtype)[:, None, None]
     return lh0 * t[:, h0] + lh1 * t[:, h1]

@@ -1,6 +1,6 @@
 """Freezing as data: a label tree over the network pytree, read from the role registry.
 
-The network pytree is `roles.weights_tree(nets)`, {role: {collection: tree}}. `labels` marks
+The network pytree is `nets.weights_tree()` (`pipeline.Nets`), {role: {collection: tree}}. `labels` marks
 every leaf TRAIN (the "params" collection of a role the phase trains: `config.trainable`, roles
 of `roles.TRAINABLE_ROLES`) or FROZEN (everything else: frozen roles, BatchNorm statistics,
 constants). The optimizer is `optax.multi_transform` over these labels with
@@ -9,7 +9,7 @@ constants). The optimizer is `optax.multi_transform` over these labels with
 Only the roles with a TRAIN leaf travel in the train state and are differentiated (`carried`):
 differentiating the frozen generator, encoders and parser as well would double the compiled
 step and its memory for gradients that are thrown away. The frozen roles are an argument of the
-step (`roles.without(nets, carried)`), one copy per device.
+step (`nets.without(carried)`), one copy per device.
 """
 
 from __future__ import annotations

@@ -60,8 +60,7 @@ class Networks:
 
 def _role_record(role: str, loaded) -> tuple[str, dict, dict]:
     """(kind, config, extra variables) of a loaded network, for the export."""
-    config = loaded.config.to_json() if role == "generator" else (
-        loaded.config.to_dict() if role == "flow" else dict(loaded.config))
+    config = loaded.config.to_json()
     extra = {}
     if getattr(loaded, "latent_avg", None) is not None and role == "attr_encoder":
         extra = {"consts": {"latent_avg": np.asarray(loaded.latent_avg)}}
@@ -92,7 +91,7 @@ def _from_files(cfg, trainable, conventions, seed: int):
     for role, r in roles.ROLES.items():
         file = os.path.join(folder, r.file)
         if os.path.isfile(file):
-            loaded[role] = weights.loader(r.kind)(*weights.read(file, kind=r.kind))
+            loaded[role] = weights.load(file, kind=r.kind)
         elif role not in trainable and not r.optional:
             missing.append(f"{r.file} ({r.kind})")
     if missing:
@@ -153,9 +152,9 @@ def _random(cfg, conventions):
     # T starts as a run from scratch starts it (`flow.init_sif`), not with the demo's gain
     # (random_nets.RANDOM_FLOW_GAIN): that gain makes T's gradients ill-conditioned (a 1e-7
     # change of the images moves them by 1e-4), which would drown every comparison of runs.
-    nets = pipe.nets.replace(flow=flow_lib.init_sif(
-        jax.random.fold_in(jax.random.key(int(cfg.seed)), 1),
-        flow_lib.SifConfig(variant=conventions.flow_variant)))
+    flow = flow_lib.init_sif(jax.random.fold_in(jax.random.key(int(cfg.seed)), 1),
+                             flow_lib.SifConfig(variant=conventions.flow_variant))
+    nets = pipe.nets.with_role("flow", *flow_lib.SifModule.split(flow))
     records = {role: (r.kind, random_nets.role_config(role, presets, conventions), {})
                for role, r in roles.ROLES.items()}
     return nets, records
@@ -170,8 +169,8 @@ def _conventions(cfg) -> pipeline.Conventions:
 
 
 def build(config) -> Networks:
-    """All networks of a run from `config.nets`, `config.loss_nets`, `config.trainable` and
-    `config.use_icl` (see the module docstring)."""
+    """All networks of a run from `config.nets`, `config.loss_nets`, `config.trainable`,
+    `config.use_icl` and `config.precision` (see the module docstring)."""
     cfg = config.nets
     conventions = _conventions(cfg)
     trainable = freezing.check_trainable(config.trainable)
@@ -186,13 +185,14 @@ def build(config) -> Networks:
     if not config.use_icl:  # the ablation without ICL: recovery reads E_ID(X_anon) directly
         if "icl" in trainable:
             raise InputError("trainable lists 'icl' but use_icl is False")
-        nets = roles.drop(nets, "icl")
+        nets = nets.drop("icl")
         records.pop("icl", None)
-    elif nets.icl_module is None:
+    elif "icl" not in nets:
         raise WeightsError("use_icl is True but there is no ICL network (icl.safetensors)")
-    if nets.parser_module is None:
+    if "parser" not in nets:
         raise WeightsError("training needs the face parser (bisenet.safetensors): refinement and "
                            "the face-parser term of L_Img use it")
+    nets = nets.with_precision(config.precision)
     real = cfg.source == "files" or cfg.widths == "real"
     return Networks(nets=nets, loss_nets=build_loss_nets(config.loss_nets, real), roles=records)
 
@@ -200,15 +200,15 @@ def build(config) -> Networks:
 def override(nets: pipeline.Nets, tree: dict, what: str) -> pipeline.Nets:
     """`nets` with some roles' variables replaced ({role: {collection: ...}}, e.g. phase I's
     trained E_Attr and M in phase II), after checking every name and shape."""
-    weights.check_tree(roles.weights_tree(nets, tuple(tree)), tree, what)
-    return roles.with_weights_tree(nets, tree)
+    weights.check_tree(nets.weights_tree(tuple(tree)), tree, what)
+    return nets.with_variables(tree)
 
 
 def parameter_overview(nets: pipeline.Nets, trainable) -> str:
     """One line per role: parameter count, trained or frozen, and the shapes of its largest
     leaves (STYLE.md: printed at the start of every run)."""
     lines = []
-    for role, variables in roles.weights_tree(nets).items():
+    for role, variables in nets.weights_tree().items():
         leaves = jax.tree.leaves(variables.get("params", {}))
         count = sum(int(np.prod(np.shape(a))) for a in leaves)
         big = sorted({tuple(np.shape(a)) for a in leaves}, key=lambda s: -int(np.prod(s)))[:3]
@@ -223,7 +223,7 @@ def export_weights(nets: pipeline.Nets, records: dict, out_dir: str, description
     """Writes `nets` as a weights folder that `pipeline.load` reads (one file per role of
     `records` {role: (kind, config, extra variables)} and manifest.json), atomically. Returns
     the weights id."""
-    networks = {role: (roles.ROLES[role].file, {**roles.file_variables(nets, role), **extra},
+    networks = {role: (roles.ROLES[role].file, {**nets.file_variables(role), **extra},
                        weights.Meta(kind=kind, config=config, source_file=description))
                 for role, (kind, config, extra) in records.items()}
     manifest = weights_folder.write(out_dir, networks, nets.conventions.name, force=True)

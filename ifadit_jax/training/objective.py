@@ -198,9 +198,9 @@ def identity_terms(w: LossWeights, nets: pipeline.Nets, p: dict) -> dict:
 def image_terms(nets: pipeline.Nets, loss_nets: losses.LossNets, p: dict, lm_x) -> dict:
     """L_Img over X_rec, X_anon and X_wrong (one batched pass), each with its lambdas."""
     names, x, b = ("rec", "anon", "wrong"), p["x"], p["x"].shape[0]
-    parse_x = losses.parser_logits(nets.parser_module, nets.parser_vars, x)
+    parse_x = losses.parser_logits(nets.module("parser"), nets["parser"], x)
     n = len(names)
-    dist = losses.image_distances(loss_nets, nets.parser_module, nets.parser_vars,
+    dist = losses.image_distances(loss_nets, nets.module("parser"), nets["parser"],
                                   jnp.concatenate([p[k] for k in names]),
                                   jnp.concatenate([x] * n), jnp.concatenate([lm_x] * n),
                                   jnp.concatenate([parse_x] * n))

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ifadit_jax import losses, pipeline, roles
+from ifadit_jax import losses, pipeline
 from ifadit_jax.training import freezing, objective
 
 AXIS = "batch"
@@ -97,7 +97,7 @@ def averaged_grads(obj: objective.Objective, state: TrainState, frozen: pipeline
 
 
 def _loss(obj, frozen, loss_nets, images, step_rng, first_example, params):
-    nets = roles.with_weights_tree(frozen, params)
+    nets = frozen.with_variables(params)
     loss, terms, updated, samples = objective.compute(obj, nets, loss_nets, images, step_rng,
                                                       first_example)
     return loss, (terms, updated, samples)
