@@ -3,10 +3,12 @@
   python -m experiments.run TABLE --weights DIR --images [NAME=]DIR [...] --out OUT [options]
   python -m experiments.run table5 --ablation full=DIR --ablation no_icl=DIR ... --images ... --out OUT
   python -m experiments.run all --demo --out OUT        # built-in random-weight model, no download
+  python -m experiments.run video --weights DIR --videos DIR --out OUT [--crf 18 --crf 28]
 
 TABLE: table1 (anonymization), table2 (utility), table3 (de-anonymization), table4 (diversity),
-all (tables 1-4 in one pass over the images), table5 (ablations). Each writes OUT/TABLE.md,
-.csv, _per_image.csv, .json and _samples.png. Metric networks that are not given are skipped and
+all (tables 1-4 in one pass over the images), table5 (ablations), video (clips: identity
+consistency, flicker, recovery through FFV1 and H.264, speed per stage; not part of all). Each
+writes OUT/TABLE.md, .csv, _per_image.csv, .json and _samples.png. Metric networks that are not given are skipped and
 the tables say so. See experiments/README.md for the expected image layouts.
 """
 
@@ -20,10 +22,11 @@ from typing import Sequence
 
 from experiments import evaluate as ev
 from experiments import tables
+from experiments import video as video_experiment
 from ifadit_jax import cli, keys, pipeline
 from ifadit_jax.errors import InputError
 
-CHOICES = ("table1", "table2", "table3", "table4", "all", "table5")
+CHOICES = ("table1", "table2", "table3", "table4", "all", "table5", "video")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "built-in variants")
     src.add_argument("--images", action="append", default=[], metavar="[NAME=]DIR",
                      help="a folder of aligned faces or an FFHQ* folder; repeat for several datasets")
+    src.add_argument("--videos", metavar="DIR", help="video: a folder of clips (or one clip)")
     src.add_argument("--limit", type=int, help="evaluate the first N images of each dataset")
     src.add_argument("--split", choices=("all", "train", "val"), default="all",
                      help="the training code's deterministic 90/10 split (default: all images)")
@@ -63,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="key seed (default 0)")
     r.add_argument("--div-keys", type=int, default=5, help="keys per face for Table 4 (default 5)")
     r.add_argument("--samples", type=int, default=4, help="rows of each sample grid (default 4)")
+    r.add_argument("--crf", type=int, action="append", metavar="N",
+                   help="video: H.264 quality to recover through; repeat (default 18 and 28)")
     r.add_argument("--no-refine", action="store_true", help="skip the face-mask blending (Eq. 11)")
     r.add_argument("--quantize", action="store_true",
                    help="recover from X_anon stored as 8-bit values (as a saved PNG)")
@@ -126,6 +132,8 @@ def main(argv: Sequence[str]) -> int:
     if args.limit is not None and args.limit < 1:
         raise InputError("--limit must be at least 1")
     kdf = _kdf(args)
+    if args.table == "video":
+        return video_experiment.main(args, "python -m experiments.run " + shlex.join(argv), kdf)
     # Everything that can fail is checked before any evaluation runs.
     tables.check_outputs(args.out, names, args.force)
     datasets = [ev.open_dataset(spec, limit=args.limit, split=args.split, split_seed=args.split_seed,

@@ -1,10 +1,10 @@
 """Video: one reversible pseudonym per tracked person, streamed through the iFADIT networks.
 
-Two passes over the file, so that memory is bounded by one frame (plus a few numbers per face),
-never by the clip's length:
+Two passes over the file, so that memory is bounded by a few frames (plus a few numbers per
+face), never by the clip's length:
 
-1. decode -> MTCNN per frame -> align each face (raw landmarks) -> E_ID -> associate the
-   detections into tracks (`Tracker`: box IoU and identity cosine, Hungarian assignment);
+1. decode -> MTCNN (DET_FRAMES frames per call) -> align each face (raw landmarks) -> E_ID ->
+   associate the detections into tracks (`Tracker`: box IoU and identity cosine, Hungarian assignment);
    each track keeps its landmarks and the running sum of its unit E_ID vectors;
 2. smooth each track's landmarks along time (centred moving average, `smooth_landmarks`), one
    FFHQ transform per face-frame; z_track = normalized mean of the track's E_ID vectors and
@@ -26,12 +26,14 @@ input's time base (Matroska stores milliseconds); the display rotation is copied
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
 import os
 import stat
 import sys
+import time
 from fractions import Fraction
 from typing import Iterator
 
@@ -56,17 +58,86 @@ IOU_WEIGHT = 0.5
 MAX_COST = 0.6
 MAX_GAP = 5  # frames a track survives without a detection (a short occlusion keeps the id)
 SMOOTH_RADIUS = 2  # landmarks averaged over frames t-2..t+2 of the same track
+DET_FRAMES = 4  # frames per detector call (MTCNN.detect_many): fewer, larger network calls
+# Pass 2 holds up to this many frames until their faces fill a network batch (--batch): with one
+# face per frame, one call renders `batch` frames' faces instead of one face padded to `batch`.
+RENDER_FRAMES = 8
 MIN_SIDE = 24  # as for photos: MTCNN's smallest pyramid level needs 12 px, faces more
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
 _IMAGE_DEMUXERS = ("image2",)  # FFmpeg also opens photos as one-frame "videos"
+# Formats that hold a photo or an animation: a video only with at least two frames.
+_ANIMATION_DEMUXERS = ("gif", "apng")
+
+
+# ----------------------------------------------------------------------------------------------
+# Time per stage (read by experiments/video.py and bench/bench_video.py)
+
+STAGES = ("decode", "detect", "track", "warp", "networks", "paste", "encode")
+
+
+@dataclasses.dataclass
+class StageClock:
+    """Wall-clock seconds per stage of everything the video passes did inside `stage_clock()`:
+    decode (demux, decode, to RGB), detect (MTCNN), track (association), warp (aligned crops),
+    networks (E_ID, E_Attr, G, mask, flow; blocking on the results), paste (paste-back),
+    encode (to the output codec, mux)."""
+
+    seconds: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    def fps(self, frames: int) -> dict:
+        """Frames per second each stage alone would allow (None for a stage that took no time)."""
+        return {s: (frames / t if t > 0 else None) for s, t in self.seconds.items()}
+
+
+_CLOCK: contextvars.ContextVar = contextvars.ContextVar("ifadit_video_clock", default=None)
+
+
+@contextlib.contextmanager
+def stage_clock():
+    """Within the block, the video passes add their time per stage to the yielded StageClock
+    (outside one, timing costs nothing)."""
+    token = _CLOCK.set(StageClock())
+    try:
+        yield _CLOCK.get()
+    finally:
+        _CLOCK.reset(token)
+
+
+def _charge(stage: str, t0: float) -> float:
+    """Adds the time since `t0` to `stage` on the active clock -> now."""
+    now = time.perf_counter()
+    clock = _CLOCK.get()
+    if clock is not None:
+        clock.seconds[stage] += now - t0
+    return now
+
+
+@contextlib.contextmanager
+def _stage(stage: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _charge(stage, t0)
 
 
 # ----------------------------------------------------------------------------------------------
 # Decoding
 
 
+def _has_two_frames(container) -> bool:
+    """Whether the first video stream holds at least two packets (read no further)."""
+    n = 0
+    for packet in container.demux(video=0):
+        n += 1 if packet.size else 0
+        if n >= 2:
+            return True
+    return False
+
+
 def is_video(path: str) -> bool:
-    """Whether `path` is a regular file that FFmpeg opens with a video stream (not a photo)."""
+    """Whether `path` is a regular file that FFmpeg opens with a video stream (not a photo; an
+    animated GIF or APNG is a video, a single-frame one a photo)."""
     import av
 
     try:
@@ -74,7 +145,9 @@ def is_video(path: str) -> bool:
             return False
         with av.open(path, metadata_errors="ignore") as c:
             name = c.format.name
-            return bool(c.streams.video) and not (name in _IMAGE_DEMUXERS or name.endswith("_pipe"))
+            if not c.streams.video or name in _IMAGE_DEMUXERS or name.endswith("_pipe"):
+                return False
+            return name not in _ANIMATION_DEMUXERS or _has_two_frames(c)
     except (OSError, ValueError, av.error.FFmpegError):
         return False
 
@@ -129,6 +202,7 @@ def decode(container, path: str, audio_out=None) -> Iterator[Frame]:
     video = container.streams.video[0]
     streams = [video] + (list(container.streams.audio) if audio_out else [])
     index, fallback_tb = 0, 1 / _rate(video)
+    t0 = time.perf_counter()
     try:
         for packet in container.demux(*streams):
             if packet.stream.type == "audio":
@@ -141,7 +215,9 @@ def decode(container, path: str, audio_out=None) -> Iterator[Frame]:
                 # Faces are detected upright (a phone video stored sideways); the writer turns
                 # the frame back, so untouched pixels stay bit-exact.
                 rgb = np.ascontiguousarray(np.rot90(f.to_ndarray(format="rgb24"), quarter_turns(rotation)))
+                _charge("decode", t0)
                 yield Frame(index, rgb, pts, Fraction(tb), rotation)
+                t0 = time.perf_counter()  # the consumer's time is not decoding
                 index += 1
     except (av.error.FFmpegError, ValueError) as e:
         raise InputError(f"{path}: cannot decode frame {index} ({type(e).__name__}); "
@@ -275,6 +351,19 @@ def identities(pipe, crops: np.ndarray, batch: int) -> np.ndarray:
     return _padded(lambda x: _identity(pipe.nets, x), crops, batch)[0]
 
 
+def _embed_many(pipe, frames: list, transforms: list, batch: int) -> list:
+    """E_ID of the faces of several uint8 frames (per frame, its 2x3 transforms), all faces in
+    shared batches -> per frame [N_i, 512]."""
+    counts = [len(t) for t in transforms]
+    if not sum(counts):
+        return [np.zeros((0, 512), np.float32) for _ in frames]
+    with _stage("warp"):
+        crops = np.concatenate([_crops(rgb, t) for rgb, t in zip(frames, transforms) if len(t)])
+    with _stage("networks"):
+        z = identities(pipe, crops, batch)
+    return np.split(z, np.cumsum(counts)[:-1])
+
+
 def anonymized_identities(pipe, z_tracks: np.ndarray, k) -> np.ndarray:
     """T(z_track, k) for every track: [N, 512] -> [N, 512]."""
     k = jnp.broadcast_to(jnp.asarray(k, jnp.float32).reshape(-1, 512)[:1], (len(z_tracks), 512))
@@ -290,20 +379,35 @@ def recovered_identities(pipe, z_tracks: np.ndarray, k) -> np.ndarray:
     return np.asarray(flow_lib.sif_inverse(nets.flow, z, k)[0])
 
 
+def render_frames(pipe, frames: list, faces: list, refine: bool, batch: int) -> list:
+    """uint8 frames and per frame its faces [(2x3 transform, identity [512])] -> the uint8
+    frames with every face rendered with its identity and pasted back. The faces of all the
+    frames share the network batches (one face per frame still fills a batch of `batch`); a
+    frame without faces is returned as the very same array."""
+    if not any(faces):
+        return list(frames)
+    with _stage("warp"):
+        crops = np.concatenate([_crops(rgb, [a for a, _ in fs]) for rgb, fs in zip(frames, faces) if fs])
+    z = np.stack([np.asarray(z, np.float32) for fs in faces for _, z in fs])
+    with _stage("networks"):
+        out, masks = _padded(lambda c, zz: render_faces(pipe.nets, c, zz, refine), crops, batch, z)
+    with _stage("paste"):
+        results, j = list(frames), 0
+        for i, fs in enumerate(faces):
+            if not fs:
+                continue
+            result = frames[i].astype(np.float32) / 255.0
+            for a, _ in fs:
+                result = align.paste_back(result, out[j], np.asarray(a, np.float64), feather=0.1,
+                                          mask=None if masks is None else masks[j])
+                j += 1
+            results[i] = imageio.to_uint8(result)
+        return results
+
+
 def render_frame(pipe, rgb: np.ndarray, faces, refine: bool, batch: int) -> np.ndarray:
-    """uint8 frame and faces [(2x3 transform, identity [512])] -> the uint8 frame with every face
-    rendered with its identity and pasted back; no faces: the very same pixels."""
-    if not faces:
-        return rgb
-    mats = [np.asarray(a, np.float64) for a, _ in faces]
-    crops = _crops(rgb, mats)
-    z = np.stack([np.asarray(z, np.float32) for _, z in faces])
-    out, masks = _padded(lambda c, zz: render_faces(pipe.nets, c, zz, refine), crops, batch, z)
-    result = rgb.astype(np.float32) / 255.0
-    for i, a in enumerate(mats):
-        result = align.paste_back(result, out[i], a, feather=0.1,
-                                  mask=None if masks is None else masks[i])
-    return imageio.to_uint8(result)
+    """`render_frames` for one frame."""
+    return render_frames(pipe, [rgb], [faces], refine, batch)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,6 +463,10 @@ class Writer:
                                  "--keep-audio") from None
 
     def write(self, rgb: np.ndarray, frame: Frame) -> None:
+        with _stage("encode"):
+            self._write(rgb, frame)
+
+    def _write(self, rgb: np.ndarray, frame: Frame) -> None:
         import av
 
         if any(self.pad):  # at the bottom and right of the upright frame: transforms stay valid
@@ -370,8 +478,9 @@ class Writer:
         self.out.mux(self.stream.encode(f))
 
     def close(self) -> None:
-        self.out.mux(self.stream.encode())
-        self.out.close()
+        with _stage("encode"):
+            self.out.mux(self.stream.encode())
+            self.out.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,12 +553,47 @@ def _check_complete(container, path: str, n: int, last: Frame | None) -> None:
                          f"(up to {end:.2f} s of {declared or 0:.2f} s); nothing written")
 
 
-def track_pass(pipe, detector, path: str, batch: int = 4, min_prob: float = 0.9,
-               min_size: float = 20.0, quiet: bool = True) -> tuple[list[Track], Clip]:
-    """Pass 1 of anonymization: detect, embed and track every face -> (tracks, clip)."""
+class _Detected:
+    """One frame's detections, computed with its neighbours (`MTCNN.detect_many`), offered
+    through the `detect` interface whose results `commands.detect_faces` filters."""
+
+    def __init__(self, result):
+        self._result = result
+
+    def detect(self, image, min_face_size=None):
+        return self._result
+
+
+def _detect_group(detector, frames: list, min_prob: float, min_size: float) -> list:
+    """Faces of each of `frames` (commands.Face lists, largest first), one batched detector call
+    when the detector has `detect_many`."""
     from ifadit_jax.commands import detect_faces
 
-    tracker, clip, last = Tracker(), None, None
+    with _stage("detect"):
+        many = getattr(detector, "detect_many", None)
+        found = ([detector] * len(frames) if many is None
+                 else [_Detected(r) for r in many([f.rgb for f in frames], min_face_size=min_size)])
+        cap = sidecar.MAX_VIDEO_FACES_PER_FRAME
+        return [detect_faces(d, f.rgb.astype(np.float32) / 255.0, min_prob, min_size)[:cap]
+                for d, f in zip(found, frames)]
+
+
+def _track_group(pipe, detector, tracker: Tracker, frames: list, batch: int, min_prob: float,
+                 min_size: float) -> None:
+    """Detects, embeds (the faces of all `frames` in shared batches) and tracks a few frames."""
+    found = _detect_group(detector, frames, min_prob, min_size)
+    ids = _embed_many(pipe, [f.rgb for f in frames], [[x.transform for x in fs] for fs in found], batch)
+    for frame, faces, z in zip(frames, found, ids):
+        if faces:
+            with _stage("track"):
+                tracker.step(frame.index, [f.box for f in faces], [f.landmarks for f in faces], z)
+
+
+def track_pass(pipe, detector, path: str, batch: int = 4, min_prob: float = 0.9,
+               min_size: float = 20.0, quiet: bool = True) -> tuple[list[Track], Clip]:
+    """Pass 1 of anonymization: detect (DET_FRAMES frames per detector call), embed and track
+    every face -> (tracks, clip)."""
+    tracker, clip, last, group = Tracker(), None, None, []
     with _open(path) as container:
         bar = _progress(container.streams.video[0].frames, "tracking", quiet)
         for frame in decode(container, path):
@@ -458,13 +602,15 @@ def track_pass(pipe, detector, path: str, batch: int = 4, min_prob: float = 0.9,
             if frame.rgb.shape[:2] != clip.size:
                 raise InputError(f"{path}: frame {frame.index} changes size; not supported")
             last = frame
-            found = detect_faces(detector, frame.rgb.astype(np.float32) / 255.0, min_prob, min_size)
-            found = found[:sidecar.MAX_VIDEO_FACES_PER_FRAME]  # largest first
-            if found:
-                ids = identities(pipe, _crops(frame.rgb, [f.transform for f in found]), batch)
-                tracker.step(frame.index, [f.box for f in found], [f.landmarks for f in found], ids)
+            group.append(frame)
             clip.frames += 1
-            bar.update()
+            if len(group) == DET_FRAMES:
+                _track_group(pipe, detector, tracker, group, batch, min_prob, min_size)
+                bar.update(len(group))
+                group = []
+        if group:
+            _track_group(pipe, detector, tracker, group, batch, min_prob, min_size)
+            bar.update(len(group))
         bar.close()
         _check_complete(container, path, 0 if clip is None else clip.frames, last)
     return tracker.tracks, clip
@@ -490,16 +636,17 @@ def render_pass(pipe, src: str, dst: str, by_frame: dict, clip: Clip, refine: bo
             writer = Writer(dst, container, opts, clip.rotation)
         except (av.error.FFmpegError, ValueError) as e:
             raise InputError(f"cannot start the {opts.codec} output ({type(e).__name__}: {e})"[:300]) from None
-        bar, n = _progress(clip.frames, "rendering", quiet), 0
+        bar, n, pending = _progress(clip.frames, "rendering", quiet), 0, []
         try:
             audio = writer.audio_packet if opts.keep_audio else None
             for frame in decode(container, src, audio):
                 if frame.rgb.shape[:2] != clip.size:
                     raise InputError(f"{src}: frame {frame.index} changes size; not supported")
-                writer.write(render_frame(pipe, frame.rgb, by_frame.get(frame.index, []), refine,
-                                          batch), frame)
-                n += 1
-                bar.update()
+                pending.append((frame, by_frame.get(frame.index, [])))
+                if sum(len(f) for _, f in pending) >= batch or len(pending) >= RENDER_FRAMES:
+                    n += _render_and_write(pipe, writer, pending, refine, batch, bar)
+                    pending = []
+            n += _render_and_write(pipe, writer, pending, refine, batch, bar)
             _count_check(src, n, clip.frames)
             writer.close()
         except av.error.FFmpegError as e:  # decoding errors are InputErrors already
@@ -510,6 +657,16 @@ def render_pass(pipe, src: str, dst: str, by_frame: dict, clip: Clip, refine: bo
             raise
         finally:
             bar.close()
+
+
+def _render_and_write(pipe, writer, pending: list, refine: bool, batch: int, bar) -> int:
+    """Renders the faces of the pending (frame, faces) pairs together, encodes the frames in
+    order -> how many were written."""
+    rendered = render_frames(pipe, [f.rgb for f, _ in pending], [fs for _, fs in pending], refine, batch)
+    for (frame, _), rgb in zip(pending, rendered):
+        writer.write(rgb, frame)
+        bar.update()
+    return len(pending)
 
 
 def _discard(writer) -> None:
@@ -568,11 +725,20 @@ def anonymize_video(pipe, src: str, dst: str, k, *, detector, key_record: dict,
     return record
 
 
+def _add_identities(pipe, frames: list, by_frame: dict, sums: np.ndarray, batch: int) -> None:
+    """Adds the E_ID of every recorded face of `frames` to its track's row of `sums`."""
+    faces = [by_frame.get(f.index, []) for f in frames]
+    ids = _embed_many(pipe, [f.rgb for f in frames], [[a for a, _ in fs] for fs in faces], batch)
+    for fs, zs in zip(faces, ids):
+        for (_, t), z in zip(fs, zs):
+            sums[t] += z
+
+
 def _identity_pass(pipe, path: str, side: sidecar.VideoSidecar, batch: int, quiet: bool):
     """Recovery pass 1: the normalized mean E_ID of each track over the anonymized frames, from
     the recorded transforms -> ([tracks, 512], Clip)."""
     by_frame = _faces_by_frame([t for t in side.tracks], range(len(side.tracks)))
-    sums, clip, last = np.zeros((len(side.tracks), 512)), None, None
+    sums, clip, last, group = np.zeros((len(side.tracks), 512)), None, None, []
     with _open(path) as container:
         bar = _progress(side.frames, "reading identities", quiet)
         for frame in decode(container, path):
@@ -582,13 +748,15 @@ def _identity_pass(pipe, path: str, side: sidecar.VideoSidecar, batch: int, quie
                     raise sidecar.SidecarError(
                         f"{sidecar.path_for(path)}: size: records {side.size[1]}x{side.size[0]} "
                         f"but the video is {clip.size[1]}x{clip.size[0]}")
-            last, faces = frame, by_frame.get(frame.index, [])
-            if faces:
-                ids = identities(pipe, _crops(frame.rgb, [a for a, _ in faces]), batch)
-                for (_, t), z in zip(faces, ids):
-                    sums[t] += z
+            last = frame
+            group.append(frame)
             clip.frames += 1
-            bar.update()
+            if len(group) == DET_FRAMES:
+                _add_identities(pipe, group, by_frame, sums, batch)
+                bar.update(len(group))
+                group = []
+        _add_identities(pipe, group, by_frame, sums, batch)
+        bar.update(len(group))
         bar.close()
         _check_complete(container, path, 0 if clip is None else clip.frames, last)
     _count_check(path, clip.frames, side.frames)

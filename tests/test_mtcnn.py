@@ -238,3 +238,24 @@ def test_detect_rejects_non_uint8_rgb(net):
         net.detect(np.zeros((64, 64, 3), np.float32))
     with pytest.raises(InputError, match="uint8 RGB"):
         net.detect(np.zeros((64, 64), np.uint8))
+
+
+def test_detect_many_matches_the_official_detection_per_frame(net, astronaut, io):
+    """Frames batched through each stage: every frame gets what the official code gives for it
+    alone (the astronaut, and for a face-free frame nothing), with three frames (a padded PNet
+    batch of four) and crops of several frames in one RNet / ONet call."""
+    blank = np.full_like(astronaut, 128)
+    mirrored = np.ascontiguousarray(astronaut[:, ::-1])
+    got = net.detect_many([astronaut, blank, mirrored])
+    boxes, probs, landmarks = got[0]
+    np.testing.assert_allclose(boxes, io["det_boxes"], rtol=0, atol=tol("det_boxes"))
+    np.testing.assert_allclose(probs, io["det_probs"], rtol=0, atol=tol("det_probs"))
+    np.testing.assert_allclose(landmarks, io["det_landmarks"], rtol=0, atol=tol("det_landmarks"))
+    assert got[1][0].shape == (0, 4) and got[1][2].shape == (0, 5, 2)
+    # The mirrored frame: the same face, its box mirrored (x -> W - x) within a few pixels.
+    w = astronaut.shape[1]
+    assert len(got[2][0]) == len(io["det_boxes"])
+    np.testing.assert_allclose(np.sort(w - got[2][0][:, [2, 0]], 0),
+                               np.sort(io["det_boxes"][:, [0, 2]], 0), atol=3)
+    with pytest.raises(InputError, match="one size"):
+        net.detect_many([astronaut, blank[:100]])

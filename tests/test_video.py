@@ -105,24 +105,33 @@ def run(tmp_path_factory, release_weights, secret_file):
     src, out, back = root / "Jane_Doe_holiday.mkv", root / "anon.mkv", root / "rec.mkv"
     write_clip(src, clip_frames(), clip_pts())
     given = {}
-    real = video.render_frame
+    real = video.render_frames
 
-    def spy(pipe, rgb, faces, refine, batch):
-        given.setdefault("calls", []).append([np.asarray(z).copy() for _, z in faces])
-        return real(pipe, rgb, faces, refine, batch)
+    def spy(pipe, frames, faces, refine, batch):
+        given.setdefault("calls", []).extend([np.asarray(z).copy() for _, z in fs] for fs in faces)
+        given.setdefault("groups", []).append(sum(len(fs) for fs in faces))
+        return real(pipe, frames, faces, refine, batch)
 
     common = ["--weights", str(release_weights), "--secret-file", str(secret_file), "--quiet"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(video, "render_frame", spy)
+        mp.setattr(video, "render_frames", spy)
         assert commands.anonymize_main([str(src), str(out), *common, *FAST_KDF]) == 0
     assert commands.recover_main([str(out), str(back), *common]) == 0
-    return dict(src=src, out=out, back=back, calls=given["calls"])
+    return dict(src=src, out=out, back=back, calls=given["calls"], groups=given["groups"])
 
 
 def test_one_track_through_the_pan_and_the_short_cut(run):
     side = json.loads(open(sidecar.path_for(str(run["out"]))).read())
     assert len(side["tracks"]) == 1
     assert [e[0] for e in side["tracks"][0]["frames"]] == FACE_FRAMES
+
+
+def test_faces_of_several_frames_share_the_network_batches(run):
+    # --batch 4 (the default), one face per frame: the 12 face-frames render in groups of four
+    # frames (no face padded alone to a batch of four), face-free frames in the same groups.
+    assert sum(run["groups"]) == len(FACE_FRAMES)
+    assert all(n <= 4 for n in run["groups"]) and max(run["groups"]) == 4
+    assert len(run["groups"]) < N_FRAMES
 
 
 def test_every_frame_of_the_track_gets_the_same_identity(run):
@@ -413,16 +422,16 @@ def test_no_faces_copied_through_and_interrupt_leaves_nothing(tmp_path, release_
     got, _ = read_clip(tmp_path / "out.mkv")
     assert all(np.array_equal(a, b) for a, b in zip(got, frames)) and len(got) == 4
 
-    def interrupted(pipe_, rgb, faces, refine, batch):
-        if interrupted.calls == 2:
-            raise KeyboardInterrupt
-        interrupted.calls += 1
-        return rgb
+    real_write = video.Writer.write
 
-    interrupted.calls = 0
+    def interrupted(self, rgb, frame):  # Ctrl-C in pass 2, after two frames were encoded
+        if frame.index == 2:
+            raise KeyboardInterrupt
+        real_write(self, rgb, frame)
+
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(video, "render_frame", interrupted)
+        mp.setattr(video.Writer, "write", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run_(tmp_path / "stopped.mkv")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
@@ -450,3 +459,36 @@ def test_h264_cli_warns_and_checks_crf(tmp_path, release_weights, secret_file, c
     assert sidecar.read_video(str(tmp_path / "o.mp4.json")).codec == "h264"
     with pytest.raises(InputError, match="extensions .mkv"):  # FFV1 only in Matroska
         commands.anonymize_main([str(src), str(tmp_path / "o2.mp4"), *flags])
+
+
+def test_zero_frames_is_one_error_and_nothing_written(tmp_path, release_weights, secret_file):
+    """A container with a video stream but no video frame (only audio)."""
+    src = tmp_path / "silent_film.mkv"
+    with av.open(str(src), "w") as out:
+        s = out.add_stream("ffv1", rate=25)
+        s.height, s.width, s.pix_fmt = SIZE[0], SIZE[1], "bgr0"
+        a = out.add_stream("aac", rate=8000, layout="mono")
+        _write_audio(out, a, 0.5)
+        out.mux(s.encode())
+    assert video.is_video(str(src))
+    proc = run_cli("-m", "ifadit_jax.anonymize", str(src), str(tmp_path / "o.mkv"), "--weights",
+                   str(release_weights), "--secret-file", str(secret_file), "--quiet", *FAST_KDF,
+                   check=False)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "no decodable frames" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["silent_film.mkv"]
+
+
+def test_single_frame_gif_is_a_photo_animated_gif_a_video(tmp_path, release_weights, secret_file):
+    still, animated = tmp_path / "still.gif", tmp_path / "animated.gif"
+    Image.fromarray(_face_frame(0)).save(still)
+    Image.fromarray(_face_frame(0)).save(animated, save_all=True, duration=40,
+                                         append_images=[Image.fromarray(_face_frame(1))])
+    assert not video.is_video(str(still)) and video.is_video(str(animated))
+    flags = ["--weights", str(release_weights), "--secret-file", str(secret_file), "--quiet", *FAST_KDF]
+    assert commands.anonymize_main([str(still), str(tmp_path / "still_anon.png"), *flags]) == 0
+    side = json.loads(open(sidecar.path_for(str(tmp_path / "still_anon.png"))).read())
+    assert side["format"] != sidecar.VIDEO_FORMAT
+    assert commands.anonymize_main([str(animated), str(tmp_path / "animated_anon.mkv"), *flags]) == 0
+    got, _ = read_clip(tmp_path / "animated_anon.mkv")
+    assert len(got) == 2 and got[0].shape == (*SIZE, 3)

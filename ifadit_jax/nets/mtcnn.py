@@ -454,12 +454,19 @@ class MTCNN(base.Loaded):
         """Dispatches PNet on one pyramid level [h, w, 3] (normalized), padded to its size bucket.
 
         Returns a callable that waits for the result: (reg [oh, ow, 4], face prob [oh, ow])."""
-        h, w = pixels.shape[:2]
-        padded = np.zeros((1, _bucket(h), _bucket(w), 3), _F32)
-        padded[0, :h, :w] = pixels
+        result = self._pnet_start_many(pixels[None])
+        return lambda: result()[0]
+
+    def _pnet_start_many(self, pixels: np.ndarray):
+        """`_pnet_start` for one pyramid level of several frames [B, h, w, 3]; the batch is padded
+        to a power of two (few programs) -> a callable giving [(reg, prob) per frame]."""
+        b, h, w = pixels.shape[:3]
+        padded = np.zeros((1 << (b - 1).bit_length(), _bucket(h), _bucket(w), 3), _F32)
+        padded[:b, :h, :w] = pixels
         reg, prob = self._pnet(self.variables, padded, np.array([h, w], np.int32))
         oh, ow = -(-(h - 2) // 2) - 4, -(-(w - 2) // 2) - 4
-        return lambda: (np.asarray(reg)[0, :oh, :ow], np.asarray(prob)[0, :oh, :ow, 1])
+        return lambda: [(r[:oh, :ow], p[:oh, :ow, 1])
+                        for r, p in zip(np.asarray(reg)[:b], np.asarray(prob)[:b])]
 
     def _pnet_maps(self, pixels: np.ndarray):
         """PNet on one pyramid level through the bucketed program: (reg [oh, ow, 4], prob [oh, ow])."""
@@ -475,85 +482,122 @@ class MTCNN(base.Loaded):
             outs.append([np.asarray(o)[:len(chunk)] for o in fn(self.variables, padded)])
         return [np.concatenate(parts) for parts in zip(*outs)]
 
-    def _rnet_stage(self, integral: np.ndarray, boxes: np.ndarray, threshold: float):
-        """Stage 2, RNet on 24x24 crops: (rnet_reg, rnet_prob, refined squared boxes [N, 5])."""
-        height, width = integral.shape[0] - 1, integral.shape[1] - 1
-        rnet_reg, rnet_prob = np.zeros((0, 4), _F32), np.zeros((0, 2), _F32)
-        y0, y1, x0, x1, ok = crop_windows(boxes, width, height)
-        boxes = boxes[ok]
-        if len(boxes):
-            crops = normalize(area_resize(integral, y0[ok], y1[ok], x0[ok], x1[ok], 24, 24))
-            rnet_reg, rnet_prob = self._batched(self._rnet, crops)
-            keep = rnet_prob[:, 1] > _F32(threshold)
-            boxes = np.concatenate([boxes[keep, :4], rnet_prob[keep, 1:2]], axis=1)
-            reg = rnet_reg[keep]
-            pick = nms_iou(boxes[:, :4], boxes[:, 4], 0.7)
-            boxes = square(regress(boxes[pick], reg[pick], plus_one=True))
-        return rnet_reg, rnet_prob, boxes
+    def _batched_split(self, fn, crops: list, widths: int):
+        """`_batched` over the crops of several frames at once -> per frame, the outputs (empty
+        arrays with `widths` columns for a frame without crops)."""
+        counts = [len(c) for c in crops]
+        if not sum(counts):
+            return [[np.zeros((0, k), _F32) for k in widths] for _ in crops]
+        outs = self._batched(fn, np.concatenate([c for c in crops if len(c)]))
+        cuts = np.cumsum(counts)[:-1]
+        return [list(parts) for parts in zip(*(np.split(o, cuts) for o in outs))]
 
-    def _onet_stage(self, integral: np.ndarray, boxes: np.ndarray, threshold: float):
-        """Stage 3, ONet on 48x48 crops, landmarks, final regression and "Min" NMS:
-        (onet_reg, onet_landmarks, onet_prob, boxes [N, 5], landmarks [N, 5, 2])."""
+    @staticmethod
+    def _crops(integral: np.ndarray, boxes: np.ndarray, size: int):
+        """Integer crops of `boxes` resized to size x size (normalized) -> (crops, boxes kept)."""
         height, width = integral.shape[0] - 1, integral.shape[1] - 1
-        onet_reg, onet_landmarks, onet_prob = (np.zeros((0, 4), _F32), np.zeros((0, 10), _F32),
-                                               np.zeros((0, 2), _F32))
-        landmarks = np.zeros((0, 5, 2), _F32)
         y0, y1, x0, x1, ok = crop_windows(boxes, width, height)
         boxes = boxes[ok]
-        if len(boxes):
-            crops = normalize(area_resize(integral, y0[ok], y1[ok], x0[ok], x1[ok], 48, 48))
-            onet_reg, onet_landmarks, onet_prob = self._batched(self._onet, crops)
-            keep = onet_prob[:, 1] > _F32(threshold)
-            boxes = np.concatenate([boxes[keep, :4], onet_prob[keep, 1:2]], axis=1)
-            points = onet_landmarks[keep]
-            w = boxes[:, 2] - boxes[:, 0] + _F32(1)
-            h = boxes[:, 3] - boxes[:, 1] + _F32(1)
-            px = w[:, None] * points[:, :5] + boxes[:, 0:1] - _F32(1)
-            py = h[:, None] * points[:, 5:] + boxes[:, 1:2] - _F32(1)
-            landmarks = np.stack([px, py], axis=2)
-            boxes = regress(boxes, onet_reg[keep], plus_one=True)
-            pick = nms_min(boxes[:, :4], boxes[:, 4], 0.7)
-            boxes, landmarks = boxes[pick], landmarks[pick]
-        return onet_reg, onet_landmarks, onet_prob, boxes, landmarks
+        if not len(boxes):
+            return np.zeros((0, size, size, 3), _F32), boxes
+        return normalize(area_resize(integral, y0[ok], y1[ok], x0[ok], x1[ok], size, size)), boxes
+
+    @staticmethod
+    def _rnet_select(boxes: np.ndarray, rnet_reg: np.ndarray, rnet_prob: np.ndarray, threshold: float):
+        """Stage 2 after RNet: keep prob > threshold, NMS 0.7, regress, square -> boxes [N, 5]."""
+        if not len(boxes):
+            return boxes
+        keep = rnet_prob[:, 1] > _F32(threshold)
+        boxes = np.concatenate([boxes[keep, :4], rnet_prob[keep, 1:2]], axis=1)
+        reg = rnet_reg[keep]
+        pick = nms_iou(boxes[:, :4], boxes[:, 4], 0.7)
+        return square(regress(boxes[pick], reg[pick], plus_one=True))
+
+    @staticmethod
+    def _onet_select(boxes, onet_reg, onet_landmarks, onet_prob, threshold: float):
+        """Stage 3 after ONet: keep, landmarks from the box before the last regression, regress,
+        "Min" NMS -> (boxes [N, 5], landmarks [N, 5, 2])."""
+        if not len(boxes):
+            return boxes, np.zeros((0, 5, 2), _F32)
+        keep = onet_prob[:, 1] > _F32(threshold)
+        boxes = np.concatenate([boxes[keep, :4], onet_prob[keep, 1:2]], axis=1)
+        points = onet_landmarks[keep]
+        w = boxes[:, 2] - boxes[:, 0] + _F32(1)
+        h = boxes[:, 3] - boxes[:, 1] + _F32(1)
+        px = w[:, None] * points[:, :5] + boxes[:, 0:1] - _F32(1)
+        py = h[:, None] * points[:, 5:] + boxes[:, 1:2] - _F32(1)
+        landmarks = np.stack([px, py], axis=2)
+        boxes = regress(boxes, onet_reg[keep], plus_one=True)
+        pick = nms_min(boxes[:, :4], boxes[:, 4], 0.7)
+        return boxes[pick], landmarks[pick]
+
+    def _pnet_stage(self, integrals: list, min_face_size: float, factor: float, threshold: float) -> list:
+        """Stage 1 over the pyramid of frames of one size, each level one PNet call for all
+        frames -> per frame, the squared candidate boxes [N, 5]."""
+        height, width = integrals[0].shape[0] - 1, integrals[0].shape[1] - 1
+        one = lambda v: np.array([v], np.int64)  # noqa: E731
+        scales = pyramid_scales(height, width, min_face_size, factor)
+        # All levels are dispatched before any result is read, so resizing overlaps device work.
+        results = [self._pnet_start_many(np.stack([normalize(
+            area_resize(ii, one(0), one(height), one(0), one(width), hs, ws)[0]) for ii in integrals]))
+            for hs, ws in pyramid_sizes(height, width, scales)]
+        per_frame = [[] for _ in integrals]
+        for scale, result in zip(scales, results):
+            for i, maps in enumerate(result()):
+                cand = boxes_from_pnet(*maps, scale, threshold)
+                per_frame[i].append(cand[nms_iou(cand[:, :4], cand[:, 4], 0.5)])
+        out = []
+        for parts in per_frame:
+            boxes = np.concatenate(parts) if parts else np.zeros((0, 9), _F32)
+            boxes = boxes[nms_iou(boxes[:, :4], boxes[:, 4], 0.7)]
+            out.append(square(np.concatenate([regress(boxes[:, :4], boxes[:, 5:9], plus_one=False),
+                                              boxes[:, 4:5]], axis=1)))
+        return out
+
+    def _stages(self, images: list, min_face_size: float, thresholds: Sequence[float],
+                factor: float) -> list[Detection]:
+        """The three stages for frames of one size, each net called once for all of them."""
+        integrals = [integral_image(i) for i in images]
+        t_pnet, t_rnet, t_onet = (float(t) for t in thresholds)
+        boxes = self._pnet_stage(integrals, min_face_size, factor, t_pnet)
+        cut = [self._crops(ii, b, 24) for ii, b in zip(integrals, boxes)]
+        rnet = self._batched_split(self._rnet, [c for c, _ in cut], (4, 2))
+        boxes = [self._rnet_select(b, *r, t_rnet) for (_, b), r in zip(cut, rnet)]
+        cut = [self._crops(ii, b, 48) for ii, b in zip(integrals, boxes)]
+        onet = self._batched_split(self._onet, [c for c, _ in cut], (4, 10, 2))
+        out = []
+        for (_, b), r, o in zip(cut, rnet, onet):
+            b, lm = self._onet_select(b, *o, t_onet)
+            # Official select_largest ordering.
+            order = np.argsort((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[::-1]
+            out.append(Detection(boxes=np.ascontiguousarray(b[order, :4], _F32),
+                                 probs=np.ascontiguousarray(b[order, 4], _F32),
+                                 landmarks=np.ascontiguousarray(lm[order], _F32).reshape(-1, 5, 2),
+                                 scales=[], pnet_input_hw=[], rnet_reg=r[0], rnet_prob=r[1],
+                                 onet_reg=o[0], onet_landmarks=o[1], onet_prob=o[2]))
+        return out
 
     def detect_stages(self, image, min_face_size: float = MIN_FACE_SIZE,
                       thresholds: Sequence[float] = THRESHOLDS, factor: float = FACTOR) -> Detection:
         """`detect` with its intermediates (see `Detection`)."""
         image = _check_image(image)
-        height, width = image.shape[:2]
-        integral = integral_image(image)
-        one = lambda v: np.array([v], np.int64)  # noqa: E731
-        t_pnet, t_rnet, t_onet = (float(t) for t in thresholds)
+        d = self._stages([image], min_face_size, thresholds, factor)[0]
+        d.scales = pyramid_scales(image.shape[0], image.shape[1], min_face_size, factor)
+        d.pnet_input_hw = pyramid_sizes(image.shape[0], image.shape[1], d.scales)
+        return d
 
-        # Stage 1: PNet over the pyramid.
-        scales = pyramid_scales(height, width, min_face_size, factor)
-        sizes = pyramid_sizes(height, width, scales)
-        # All levels are dispatched before any result is read, so resizing overlaps device work.
-        results = [self._pnet_start(normalize(
-            area_resize(integral, one(0), one(height), one(0), one(width), hs, ws)[0]))
-            for hs, ws in sizes]
-        per_scale = []
-        for scale, result in zip(scales, results):
-            cand = boxes_from_pnet(*result(), scale, t_pnet)
-            per_scale.append(cand[nms_iou(cand[:, :4], cand[:, 4], 0.5)])
-        boxes = np.concatenate(per_scale) if per_scale else np.zeros((0, 9), _F32)
-        boxes = boxes[nms_iou(boxes[:, :4], boxes[:, 4], 0.7)]
-        boxes = np.concatenate([regress(boxes[:, :4], boxes[:, 5:9], plus_one=False),
-                                boxes[:, 4:5]], axis=1)
-        boxes = square(boxes)
-
-        rnet_reg, rnet_prob, boxes = self._rnet_stage(integral, boxes, t_rnet)
-        onet_reg, onet_landmarks, onet_prob, boxes, landmarks = self._onet_stage(integral, boxes, t_onet)
-
-        # Official select_largest ordering.
-        order = np.argsort((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[::-1]
-        boxes, landmarks = boxes[order], landmarks[order]
-        return Detection(boxes=np.ascontiguousarray(boxes[:, :4], _F32),
-                         probs=np.ascontiguousarray(boxes[:, 4], _F32),
-                         landmarks=np.ascontiguousarray(landmarks, _F32).reshape(-1, 5, 2),
-                         scales=scales, pnet_input_hw=sizes,
-                         rnet_reg=rnet_reg, rnet_prob=rnet_prob, onet_reg=onet_reg,
-                         onet_landmarks=onet_landmarks, onet_prob=onet_prob)
+    def detect_many(self, images: Sequence, min_face_size: float = MIN_FACE_SIZE,
+                    thresholds: Sequence[float] = THRESHOLDS, factor: float = FACTOR) -> list[tuple]:
+        """`detect` on several uint8 RGB frames of one size (video), each network called once
+        per pyramid level / stage for all of them -> per frame (boxes, probs, landmarks), the
+        same as `detect` on that frame alone."""
+        images = [_check_image(i) for i in images]
+        if len({i.shape for i in images}) > 1:
+            raise InputError("MTCNN.detect_many expects frames of one size")
+        if not images:
+            return []
+        return [(d.boxes, d.probs, d.landmarks)
+                for d in self._stages(images, min_face_size, thresholds, factor)]
 
 
 def _check_image(image: Any) -> np.ndarray:
