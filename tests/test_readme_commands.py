@@ -200,6 +200,12 @@ COMMANDS = {c: e for c, e in [
     ("python -m experiments.run all --demo --out out/experiments",
      Entry("all_demo", add=("--limit", "2", "--batch", "1", "--div-keys", "2", "--samples", "2"),
            writes=tuple(f"out/experiments/table{i}_samples.png" for i in range(1, 5)))),
+    ("python -m experiments.run video --weights weights/ --videos clips/ --out results/",
+     Entry("video_exp", replace={**_results("video_exp"), "clips/": "clip.mp4"}, add=("--crf", "28", "--quiet"),
+           needs=("release", "mtcnn_weights"), writes=("results/video_exp/video.csv",))),
+    ("python -m experiments.run video --demo --out out/video",
+     Entry("video_demo", skip="tests/test_video_experiment.py runs it (with --crf 28) and checks "
+                              "its numbers; running it twice would compile it twice")),
     # ---------------------------------------------------------------- experiments/README.md
     *[(f"python -m experiments.run table{i} --weights weights/ --images {d}=data/{d} --out results/ "
        "--metrics metrics/",
