@@ -9,8 +9,9 @@ its inputs), and what it must write. A README command without an entry fails
 `test_every_readme_command_has_an_entry`, so a new command gets a test here.
 
 The training command lines are dry runs unless IFADIT_README_TRAIN=1 (compiling a training
-step of the whole model takes minutes on two cores): the real flag and config parsing, and a
-check that every path they name exists.
+step of the whole model takes minutes on two cores): the real flag and config parsing and the
+real `train.setup` (networks, loss networks and data loaded from the files they name), all but
+the compiled steps.
 
 All commands run in one sandbox folder that looks like a user's working folder: the official
 files the commands name are the test fixtures under the same names (official formats, random
@@ -362,13 +363,25 @@ def _run_python(argv: list[str]) -> int:
 
 def _train_dry_run(argv: list[str]) -> int:
     """A training command line through the real flag parsing and config checks of
-    `ifadit_jax.train.main`, with `train_and_evaluate` replaced by a check of what it would read;
-    its export is stood in for by a copy of the converted release (what Table 5 reads)."""
+    `ifadit_jax.train.main` and the real `train.setup` (every network and loss network loaded
+    and validated from the files the command names, the data pipeline opened, the state built),
+    with only the compiled steps left out; its export is stood in for by a copy of the converted
+    release (what Table 5 reads)."""
     from ifadit_jax import cli, train
+    from ifadit_jax.training import step as step_lib
 
     seen = {}
+
+    def setup_only(config, workdir):
+        seen.update(c=config, w=workdir)
+        run = train.setup(config, workdir)
+        # The untrained state as the finished checkpoint a later phase's init_from reads.
+        run.ckpts.save(0, step_lib.unreplicate(run.state), run.data_it)
+        run.ckpts.wait()
+        run.ckpts.close()
+
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "train_and_evaluate", lambda config, workdir: seen.update(c=config, w=workdir))
+        mp.setattr(train, "train_and_evaluate", setup_only)
         # ml_collections finds the --config.FIELD overrides in sys.argv, not in main's argv
         mp.setattr(sys, "argv", argv[2:])
         try:
@@ -383,7 +396,7 @@ def _train_dry_run(argv: list[str]) -> int:
         assert os.path.isfile(path), f"{path} is not a file"
     shutil.copytree("weights", os.path.join(seen["w"], "weights"),
                     ignore=shutil.ignore_patterns("mtcnn.safetensors"))
-    print("dry run: flags and paths checked; IFADIT_README_TRAIN=1 trains for real")
+    print("dry run: flags, files and setup checked; IFADIT_README_TRAIN=1 trains for real")
     return 0
 
 
