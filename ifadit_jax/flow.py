@@ -401,7 +401,7 @@ def from_variables(variables: dict, config: SifConfig, what: str = "SIF weights"
     from ifadit_jax import weights
 
     weights.check_tree(expected_variables(config), variables, what)
-    blocks = tuple(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32),
+    blocks = tuple(jax.tree.map(lambda a: jax.device_put(np.asarray(a, np.float32)),
                                 variables["params"][f"block_{i}"]) for i in range(config.n_blocks))
     perms = None
     if config.variant == "allinone":

@@ -355,7 +355,9 @@ class Loaded:
     def _setup(self, variables: Mapping[str, Any]) -> tuple[Any, dict]:
         """(module, variables in memory) from the checked file variables; a network whose
         module depends on its file (the flow's permutations) overrides this."""
-        return self.config.module(), jax.tree.map(jnp.asarray, dict(variables))
+        # device_put, not jnp.asarray: the latter compiles a tiny program per distinct shape
+        # (about a hundred for a pSp encoder, most of a random pipeline's start-up).
+        return self.config.module(), jax.device_put(dict(variables))
 
     @classmethod
     def from_weights(cls, variables: Mapping[str, Any], meta: Any):
