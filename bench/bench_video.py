@@ -159,7 +159,7 @@ def main() -> None:
         detector = ifadit_jax.load(path)
         print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
               f"{os.cpu_count()} CPU cores visible", flush=True)
-        for widths in args.widths.split(","):
+        for widths in filter(None, args.widths.split(",")):  # "" : the memory run only
             pipe = random_nets.random_pipeline(0, configs=random_nets.WIDTH_PRESETS[widths])
             for faces in (int(v) for v in args.faces.split(",")):
                 speed(pipe, detector, work, widths, faces, args.frames)
