@@ -348,7 +348,7 @@ def test_cli_one_line_exit_codes_and_no_secret_anywhere(tmp_path, release_weight
     assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
     assert lines[0].startswith(f"error: {folder / 'broken.jpg'}: cannot read image")
     assert lines[1] == f"error: {folder / 'gray.png'}: no face found"
-    assert lines[2] == "error: 2 of 2 images failed, nothing written for them"
+    assert lines[2] == "error: 2 of 2 files failed, nothing written for them"
     assert SECRET not in bad.stderr and not list((tmp_path / "x").glob("*.png"))
 
 
