@@ -562,7 +562,7 @@ def _report(failures: list[tuple[str, InputError]], n: int, skipped: int, plan_:
         print(f"error: {text if text.startswith(src) else f'{src}: {text}'}", file=sys.stderr)
     if failures:
         codes = {type(e).exit_code for _, e in failures}
-        print(f"error: {len(failures)} of {n} items failed, nothing written for them",
+        print(f"error: {len(failures)} of {n} files failed, nothing written for them",
               file=sys.stderr)
         return codes.pop() if len(codes) == 1 else InputError.exit_code
     if not quiet:
