@@ -379,7 +379,8 @@ class Networks:
         mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
         self._split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
         self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self._nets = jax.device_put(pipe.nets, self._replicated)
+        # One device: the loaded weights are already there (a copy would double their memory).
+        self._nets = pipe.nets if self.devices == 1 else jax.device_put(pipe.nets, self._replicated)
         self._fn = _RECOVER if recover else _ANONYMIZE
         self.calls, self.busy_s = 0, 0.0
 
