@@ -1,5 +1,5 @@
 """The command-line core: anonymizing and recovering image files (aligned faces, folders and
-in-the-wild photos).
+in-the-wild photos) and folders that mix photos and videos (videos go through `ifadit_jax.video`).
 
 The importable core of `python -m ifadit_jax.anonymize` and `python -m ifadit_jax.recover`:
 
@@ -18,6 +18,10 @@ inside the input folder, and `--force` replaces only images this tool wrote (an 
 sidecar beside it). Folder runs resume: finished outputs are kept, and their sidecars must agree
 with this run's weights and KDF parameters (and secret, when a key check is stored). A bad item
 is listed and the others go on; the exit code is non-zero at the end.
+
+Throughput: a producer thread (`prefetched`) reads, detects and aligns the next images while the
+networks run; `Batcher` packs the faces of several images into batches of one fixed size (the
+last one padded), and `Networks` splits each batch over every local device.
 """
 
 from __future__ import annotations
