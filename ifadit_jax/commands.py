@@ -1,5 +1,5 @@
 """The command-line core: anonymizing and recovering image files (aligned faces, folders and
-in-the-wild photos).
+in-the-wild photos) and folders that mix photos and videos (videos go through `ifadit_jax.video`).
 
 The importable core of `python -m ifadit_jax.anonymize` and `python -m ifadit_jax.recover`:
 
@@ -18,19 +18,29 @@ inside the input folder, and `--force` replaces only images this tool wrote (an 
 sidecar beside it). Folder runs resume: finished outputs are kept, and their sidecars must agree
 with this run's weights and KDF parameters (and secret, when a key check is stored). A bad item
 is listed and the others go on; the exit code is non-zero at the end.
+
+Throughput: a producer thread (`prefetched`) reads, detects and aligns the next images while the
+networks run; `Batcher` packs the faces of several images into batches of one fixed size (the
+last one padded), and `Networks` splits each batch over every local device.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
+import functools
 import json
 import os
+import queue
 import shutil
 import sys
+import threading
+import time
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from ifadit_jax import align, cli, files, imageio, keys, sidecar
@@ -79,37 +89,6 @@ def detect_faces(detector, photo: np.ndarray, min_prob: float = DEFAULT_DET_THRE
     return faces
 
 
-def _run_batches(fn, crops: np.ndarray, k, batch: int, refine: bool):
-    """Runs `fn(images, k, refine)` over [N, 256, 256, 3] in fixed-size batches (the last one
-    padded, so a folder compiles one program) -> (outputs [N, ...], masks [N, ...] or None)."""
-    outs, masks = [], []
-    for start in range(0, len(crops), batch):
-        chunk = crops[start:start + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        out, inter = fn(chunk, k, refine=refine)
-        outs.append(np.asarray(out)[:n])
-        if inter.get("mask") is not None:
-            masks.append(np.asarray(inter["mask"])[:n])
-    return np.concatenate(outs), (np.concatenate(masks) if masks else None)
-
-
-def process_photo(fn, photo: np.ndarray, transforms: Sequence, k, batch: int, refine: bool):
-    """Warps every face to its crop, runs `fn` on the crops, pastes them back. No faces: the
-    photo unchanged."""
-    mats = [np.asarray(a, np.float64) for a in transforms]
-    if not mats:
-        return photo
-    crops = np.stack([align.warp_to_crop(photo, a, CROP) for a in mats])
-    out, masks = _run_batches(fn, crops, k, batch, refine)
-    result = photo
-    for i, a in enumerate(mats):
-        result = align.paste_back(result, out[i], a, feather=0.1,
-                                  mask=None if masks is None else masks[i])
-    return result
-
-
 # ----------------------------------------------------------------------------------------------
 # Planning: which files go where, checked before anything expensive runs
 
@@ -118,6 +97,7 @@ def process_photo(fn, photo: np.ndarray, transforms: Sequence, k, batch: int, re
 class Job:
     src: str
     dst: str
+    video: bool = False  # streamed through `ifadit_jax.video`, output .mkv
 
 
 @dataclasses.dataclass
@@ -163,14 +143,39 @@ def check_single_output(src: str, output: str, force: bool) -> None:
         raise InputError(f"output directory does not exist: {parent}")
 
 
-def _list_images(folder: str) -> list[str]:
+def _video_sidecar(path: str) -> bool:
+    """Whether `path` has a video sidecar of ours beside it (how recovery finds its videos)."""
+    try:
+        obj = sidecar.parse(sidecar.read_bytes(sidecar.path_for(path), sidecar.MAX_VIDEO_BYTES))
+    except sidecar.SidecarError:
+        return False
+    return type(obj) is dict and obj.get("format") == sidecar.VIDEO_FORMAT
+
+
+def _kind(path: str, recover: bool) -> str | None:
+    """'image', 'video' or None (not an input). Images by extension; videos by extension or by
+    content (FFmpeg finds a video stream), and for recovery also by their video sidecar."""
+    name = os.path.basename(path)
+    # `.tmp-*` files are partial outputs of killed runs, never inputs; sidecars are not media.
+    if name.startswith(".tmp-") or name.lower().endswith(".json"):
+        return None
+    if imageio.is_image_path(name):
+        return "image"
+    if video_lib.looks_like_video(path) or (recover and _video_sidecar(path)):
+        return "video"
+    return None
+
+
+def _list_inputs(folder: str, recover: bool) -> list[tuple[str, bool]]:
+    """(path, is a video) of every input below `folder`, in a stable order."""
     found = []
     for root, dirs, names in os.walk(folder):
         dirs.sort()
         for name in sorted(names):
-            # `.tmp-*` files are partial outputs of killed runs, never inputs.
-            if imageio.is_image_path(name) and not name.startswith(".tmp-"):
-                found.append(os.path.join(root, name))
+            path = os.path.join(root, name)
+            kind = _kind(path, recover)
+            if kind is not None:
+                found.append((path, kind == "video"))
     return found
 
 
@@ -185,30 +190,31 @@ def _collisions(pairs: list[tuple[str, str]]) -> None:
                          f"extension): {listed}; rename them first")
 
 
-def _folder_plan(src: str, output: str, force: bool) -> Plan:
+def _folder_plan(src: str, output: str, force: bool, recover: bool) -> Plan:
     src_real, out_real = files.real(src), files.real(output)
     if files.inside(out_real, src_real):
         raise InputError("the output folder must not be the input folder or lie inside it")
     if os.path.lexists(output) and not os.path.isdir(output):
         raise InputError(f"{output}: the input is a folder, so the output must be a folder")
-    inputs = _list_images(src)
+    inputs = _list_inputs(src, recover)
     if not inputs:
-        raise InputError(f"no images found in {src}")
-    pairs = [(p, os.path.join(output, os.path.splitext(os.path.relpath(p, src))[0] + ".png"))
-             for p in inputs]
+        raise InputError(f"no images or videos found in {src}")
+    pairs = [(p, os.path.join(output, os.path.splitext(os.path.relpath(p, src))[0]
+                              + (".mkv" if is_video else ".png"))) for p, is_video in inputs]
     _collisions(pairs)
-    input_reals = {files.real(p) for p in inputs}
+    input_reals = {files.real(p) for p, _ in inputs}
+    videos = {p for p, is_video in inputs if is_video}
     plan, refused = Plan([], [], folder=True, output=output), []
     for p, dst in pairs:
         if files.real(dst) in input_reals or files.real(sidecar.path_for(dst)) in input_reals:
             raise InputError(f"{dst} would overwrite the input {p}")
         if files.inside(files.real(dst), src_real):  # through a symlinked folder in the output
             raise InputError(f"{dst} lies inside the input folder {src} (through a symlink)")
-        state = _owned_state(dst)
+        state, job = _owned_state(dst), Job(p, dst, video=p in videos)
         if state == "ours":
-            (plan.jobs if force else plan.done).append(Job(p, dst))
+            (plan.jobs if force else plan.done).append(job)
         elif state == "absent":
-            plan.jobs.append(Job(p, dst))
+            plan.jobs.append(job)
         else:
             refused.append(f"{dst}: {state}")
     if refused:
@@ -222,7 +228,9 @@ def _check_room(plan: Plan) -> None:
     estimate, parents = 0, set()
     for job in plan.jobs:
         parents.add(files.nearest_existing(os.path.dirname(os.path.abspath(job.dst))))
-        size = imageio.header_size(job.src)  # None: the item fails on its own later
+        # None: the item fails on its own later. A video's output size is unknown until it is
+        # decoded (FFV1 is often larger than the source); it is not estimated.
+        size = None if job.video else imageio.header_size(job.src)
         if size is not None:
             estimate += int(size[0] * size[1] * 3 * SPACE_FACTOR) + 4096
     for parent in sorted(parents):
@@ -236,15 +244,15 @@ def _check_room(plan: Plan) -> None:
                              f"needed, {free >> 20} MiB free")
 
 
-def plan(input_path: str, output_path: str, force: bool) -> Plan:
-    """Checks the paths and lists the work: one job for a file; for a folder, one per image below
-    it (the output mirrors the tree, every output a .png)."""
+def plan(input_path: str, output_path: str, force: bool, recover: bool = False) -> Plan:
+    """Checks the paths and lists the work: one job for an image file; for a folder, one per
+    image or video below it (the output mirrors the tree: a .png per image, a .mkv per video)."""
     if not os.path.exists(input_path):
         raise InputError(f"input not found: {input_path}")
     if os.path.isfile(input_path):
         result = _file_plan(input_path, output_path, force)
     elif os.path.isdir(input_path):
-        result = _folder_plan(input_path, output_path, force)
+        result = _folder_plan(input_path, output_path, force, recover)
         if os.path.isdir(output_path):
             files.remove_stale_temporaries(output_path)
     else:
@@ -336,7 +344,8 @@ def _same_key_settings(a: dict, b: dict) -> bool:
 def _check_resume(done: list[Job], pipe, key: Key, allow_costly: bool) -> None:
     """A resumed folder must not mix weights, KDF settings or (where checks exist) secrets."""
     for job in done:
-        s = sidecar.read(sidecar.path_for(job.dst), allow_costly)
+        read = sidecar.read_video if job.video else sidecar.read
+        s = read(sidecar.path_for(job.dst), allow_costly)
         if s.weights_id != pipe.weights_id or s.conventions != pipe.conventions.name:
             raise InputError(f"{job.dst} was made with other weights "
                              f"({sidecar.printable(s.weights_id)}); use another output folder")
@@ -349,15 +358,197 @@ def _check_resume(done: list[Job], pipe, key: Key, allow_costly: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The networks over every local device, fed by a prefetching producer
+
+# Jitted once per process: a folder's calls all have the same shapes, so each compiles once.
+_ANONYMIZE = jax.jit(pipeline_lib.anonymize, static_argnames=("refine",))
+_RECOVER = jax.jit(pipeline_lib.recover, static_argnames=("refine",))
+PREFETCH_DEPTH = 2  # images read and prepared ahead of the networks (bounds memory)
+MAX_HELD_PIXELS = 64_000_000  # photo pixels waiting for their faces before a batch runs anyway
+
+
+class Networks:
+    """`pipeline.anonymize` or `pipeline.recover` over every local device: a 1-D mesh over
+    `devices` (default `jax.devices()`), each batch split along it, the weights replicated.
+
+    Every call gets exactly `batch` images (the last one padded by repeating its last image), and
+    `batch` is the requested size rounded up to a multiple of the device count, so a run compiles
+    each network once. `busy_s` is the time spent inside the calls (for --verbose and the bench).
+    """
+
+    def __init__(self, pipe, recover: bool, batch: int, devices=None):
+        devices = list(devices or jax.devices())
+        self.devices = len(devices)
+        self.batch = -(-batch // self.devices) * self.devices
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+        self._split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+        self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        # One device: the loaded weights are already there (a copy would double their memory).
+        self._nets = pipe.nets if self.devices == 1 else jax.device_put(pipe.nets, self._replicated)
+        self._fn = _RECOVER if recover else _ANONYMIZE
+        self.calls, self.busy_s = 0, 0.0
+
+    def _call(self, images: np.ndarray, k, refine: bool):
+        start = time.perf_counter()
+        x = jax.device_put(np.asarray(images, np.float32), self._split)
+        out, inter = self._fn(self._nets, x, jax.device_put(k, self._replicated), refine=refine)
+        mask = inter.get("mask")
+        result = np.asarray(out), (None if mask is None else np.asarray(mask))
+        self.calls += 1
+        self.busy_s += time.perf_counter() - start
+        return result
+
+    def run(self, crops: np.ndarray, k, refine: bool):
+        """[N, 256, 256, 3] in [0, 1] -> (outputs [N, 256, 256, 3], masks [N, ...] or None)."""
+        outs, masks = [], []
+        for start in range(0, len(crops), self.batch):
+            chunk = crops[start:start + self.batch]
+            n = len(chunk)
+            if n < self.batch:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, axis=0)])
+            out, mask = self._call(chunk, k, refine)
+            outs.append(out[:n])
+            if mask is not None:
+                masks.append(mask[:n])
+        return np.concatenate(outs), (np.concatenate(masks) if masks else None)
+
+
+@dataclasses.dataclass
+class Item:
+    """One image ready for the networks."""
+
+    job: Job
+    decoded: imageio.Decoded
+    record: dict  # its sidecar
+    refine: bool
+    crops: np.ndarray  # [n, 256, 256, 3]: the faces to run (n may be 0: written unchanged)
+    transforms: list | None  # per face, crop -> photo (2x3); None: the image is the crop
+
+
+def prepare_item(job: Job, prepare, make_record, refine_of) -> Item:
+    """Reads, detects and aligns one job (the producer's share of the work)."""
+    decoded, faces = prepare(job)
+    record = make_record(job, decoded, faces)
+    if faces is None:
+        return Item(job, decoded, record, refine_of(job), decoded.rgb[None], None)
+    mats = [np.asarray(f["transform"], np.float64) for f in faces]
+    crops = (np.stack([align.warp_to_crop(decoded.rgb, a, CROP) for a in mats]) if mats
+             else np.zeros((0, CROP, CROP, 3), np.float32))
+    return Item(job, decoded, record, refine_of(job), crops, mats)
+
+
+_DONE = object()
+
+
+def _put(q: queue.Queue, value, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(value, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _produce(jobs, prepare, q: queue.Queue, stop: threading.Event) -> None:
+    for job in jobs:
+        if stop.is_set():
+            return
+        try:
+            result = prepare(job)
+        except BaseException as e:  # noqa: BLE001 - it travels with its item to the consumer
+            result = e
+        _put(q, (job, result), stop)
+    _put(q, _DONE, stop)
+
+
+def _drain(q: queue.Queue):
+    while (value := q.get()) is not _DONE:
+        yield value
+
+
+@contextlib.contextmanager
+def prefetched(jobs: Sequence[Job], prepare, depth: int = PREFETCH_DEPTH):
+    """Yields an iterator of (job, prepare(job) or the exception it raised), in order, computed
+    ahead by a thread while the caller runs the networks; at most `depth` results wait. Leaving
+    the block (normally, by an exception or Ctrl-C) stops the thread and joins it."""
+    q, stop = queue.Queue(maxsize=depth), threading.Event()
+    thread = threading.Thread(target=_produce, args=(jobs, prepare, q, stop), daemon=True,
+                              name="ifadit-prefetch")
+    thread.start()
+    try:
+        yield _drain(q)
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Batcher:
+    """Collects the faces of several images into full batches (the faces of one photo, or
+    aligned images of several files, share a batch), then pastes back and writes each image.
+    A failing image is added to `failures` (src, error); the others are written."""
+
+    def __init__(self, nets: Networks, k, force: bool, failures: list):
+        self.nets, self.k, self.force, self.failures = nets, k, force, failures
+        self.groups: dict[bool, list[Item]] = collections.defaultdict(list)  # by refine
+
+    def add(self, item: Item) -> None:
+        if not len(item.crops):
+            self._finish(item, item.crops, None)
+            return
+        group = self.groups[item.refine]
+        group.append(item)
+        faces = sum(len(i.crops) for i in group)
+        pixels = sum(i.decoded.rgb.shape[0] * i.decoded.rgb.shape[1] for i in group)
+        if faces >= self.nets.batch or pixels >= MAX_HELD_PIXELS:
+            self._run(item.refine)
+
+    def flush(self) -> None:
+        for refine in list(self.groups):
+            self._run(refine)
+
+    def _run(self, refine: bool) -> None:
+        items = self.groups.pop(refine, [])
+        if not items:
+            return
+        try:
+            out, masks = self.nets.run(np.concatenate([i.crops for i in items]), self.k, refine)
+        except InputError as e:
+            self.failures.extend((i.job.src, e) for i in items)
+            return
+        start = 0
+        for i in items:
+            end = start + len(i.crops)
+            self._finish(i, out[start:end], None if masks is None else masks[start:end])
+            start = end
+
+    def _finish(self, item: Item, out: np.ndarray, masks) -> None:
+        if item.transforms is None:
+            result = out[0]
+        else:
+            result = item.decoded.rgb
+            for j, a in enumerate(item.transforms):
+                result = align.paste_back(result, out[j], a, feather=0.1,
+                                          mask=None if masks is None else masks[j])
+        try:
+            _write(item.job, result, item.decoded, item.record, self.force)
+        except InputError as e:
+            self.failures.append((item.job.src, e))
+
+
+# ----------------------------------------------------------------------------------------------
 # Running
 
 
-def _write(job: Job, image: np.ndarray, like: imageio.Decoded, record: dict, force: bool) -> None:
-    parent = os.path.dirname(os.path.abspath(job.dst))
+def _make_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create {parent}: {e.strerror}") from None
+
+
+def _write(job: Job, image: np.ndarray, like: imageio.Decoded, record: dict, force: bool) -> None:
+    _make_parent(job.dst)
     # The sidecar first: an image without its sidecar could not be recovered.
     with files.atomic_path(sidecar.path_for(job.dst), force=True) as tmp:
         with open(tmp, "w") as f:
@@ -376,7 +567,7 @@ def _report(failures: list[tuple[str, InputError]], n: int, skipped: int, plan_:
         print(f"error: {text if text.startswith(src) else f'{src}: {text}'}", file=sys.stderr)
     if failures:
         codes = {type(e).exit_code for _, e in failures}
-        print(f"error: {len(failures)} of {n} images failed, nothing written for them",
+        print(f"error: {len(failures)} of {n} files failed, nothing written for them",
               file=sys.stderr)
         return codes.pop() if len(codes) == 1 else InputError.exit_code
     if not quiet:
@@ -385,53 +576,42 @@ def _report(failures: list[tuple[str, InputError]], n: int, skipped: int, plan_:
     return 0
 
 
-def _flush(pending: list, fn, key: Key, args, make_record, refine_of, failures: list) -> None:
-    """Runs the aligned images collected in `pending` in batches (grouped by refine) and writes
-    them; a failing item is added to `failures` (src, error) and the others are written."""
-    items, groups = list(pending), collections.defaultdict(list)
-    pending.clear()
-    for item in items:
-        groups[refine_of(item[0])].append(item)
-    for refine, group in groups.items():
-        try:
-            out, _ = _run_batches(fn, np.stack([d.rgb for _, d in group]), key.k, args.batch, refine)
-        except InputError as e:
-            failures.extend((job.src, e) for job, _ in group)
-            continue
-        for (job, decoded), result in zip(group, out):
-            try:
-                _write(job, result, decoded, make_record(job, decoded, None), args.force)
-            except InputError as e:
-                failures.append((job.src, e))
+def _run_images(jobs: list[Job], nets: Networks, key: Key, args, prepare, failures: list) -> int:
+    """Runs the image jobs: `prepare(job)` -> Item in the producer thread, the networks here.
+    -> the number of images skipped on purpose."""
+    skipped, batcher = 0, Batcher(nets, key.k, args.force, failures)
+    with prefetched(jobs, prepare) as results:
+        for job in cli.progress(jobs, quiet=args.quiet):
+            _, result = next(results)
+            if isinstance(result, Skipped):
+                skipped += 1
+            elif isinstance(result, InputError):
+                failures.append((job.src, result))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                batcher.add(result)
+    batcher.flush()
+    return skipped
 
 
-def _run_jobs(plan_: Plan, fn, key: Key, args, prepare, make_record, refine_of,
+def _run_jobs(plan_: Plan, nets: Networks, key: Key, args, prepare, run_video,
               failures: list | None = None) -> int:
-    """Runs `fn` (pipe.anonymize or pipe.recover) over the jobs.
-
-    `prepare(job)` -> (Decoded, faces): faces None for an aligned 256x256 image (batched across
-    files), else the faces ({"box", "transform"}) to warp out and paste back; `refine_of(job)`:
-    whether to blend with the face mask; `failures`: (src, error) found earlier. A failing job
-    writes nothing; in a folder the others go on, a single file raises.
-    """
-    failures, skipped, pending = list(failures or []), 0, []
-    for job in cli.progress(plan_.jobs, quiet=args.quiet):
+    """Runs the jobs: images through `prepare(job)` -> Item and `nets`, videos (streamed, one at
+    a time) through `run_video(job)`. `failures`: (src, error) found earlier. A failing job
+    writes nothing; in a folder the others go on, a single file raises."""
+    failures, wall = list(failures or []), time.perf_counter()
+    skipped = _run_images([j for j in plan_.jobs if not j.video], nets, key, args, prepare, failures)
+    for job in (j for j in plan_.jobs if j.video):
         try:
-            decoded, faces = prepare(job)
-            if faces is None:
-                pending.append((job, decoded))
-                if len(pending) == args.batch:
-                    _flush(pending, fn, key, args, make_record, refine_of, failures)
-                continue
-            record = make_record(job, decoded, faces)
-            transforms = [f["transform"] for f in faces]
-            result = process_photo(fn, decoded.rgb, transforms, key.k, args.batch, refine_of(job))
-            _write(job, result, decoded, record, args.force)
-        except Skipped:
-            skipped += 1
+            run_video(job)
         except InputError as e:
             failures.append((job.src, e))
-    _flush(pending, fn, key, args, make_record, refine_of, failures)
+    if args.verbose:
+        wall = time.perf_counter() - wall
+        print(f"networks: {nets.calls} calls of {nets.batch} images on {nets.devices} device(s), "
+              f"busy {nets.busy_s:.2f} s of {wall:.2f} s ({nets.busy_s / max(wall, 1e-9):.0%})",
+              file=sys.stderr)
     if failures and not plan_.folder:
         raise failures[0][1]
     n = len(plan_.jobs) + sum(1 for src, _ in failures if src not in {j.src for j in plan_.jobs})
@@ -443,7 +623,7 @@ def _run_jobs(plan_: Plan, fn, key: Key, args, prepare, make_record, refine_of,
 
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="an image, a folder of images, or a video")
+    p.add_argument("input", help="an image, a video, or a folder of them (photos and videos may mix)")
     p.add_argument("output", help="output image (.png), folder (mirrors the input tree), or "
                                   "video (.mkv)")
     p.add_argument("--weights", required=True, help="weights folder (ports/convert_ifadit.py release)")
@@ -493,6 +673,57 @@ def _check_flags(args) -> None:
         raise InputError("--min-face-size must be at least 12 pixels (MTCNN's smallest window)")
     if not 0.0 <= getattr(args, "det_threshold", 0.5) <= 1.0:
         raise InputError("--det-threshold must lie in [0, 1]")
+    if not 0 <= getattr(args, "crf", 18) <= 51:
+        raise InputError("--crf must be 0 to 51")
+
+
+def _prepare_anonymize(args, detector, job: Job):
+    """-> (Decoded, faces): faces None for an aligned image, else [{"box", "transform"}]."""
+    decoded = imageio.read_image(job.src, min_size=MIN_PHOTO_SIDE)
+    if args.aligned:
+        if decoded.rgb.shape[:2] != (CROP, CROP):
+            h, w = decoded.rgb.shape[:2]
+            raise InputError(f"{job.src}: aligned input must be {CROP}x{CROP}, got {w}x{h} "
+                             "(drop --aligned to detect faces)")
+        return decoded, None
+    found = detect_faces(detector, decoded.rgb, args.det_threshold, args.min_face_size)
+    if not found and args.no_face == "skip":
+        raise Skipped()
+    if not found and args.no_face == "fail":
+        raise NoFaceError(f"{job.src}: no face found")
+    return decoded, [{"box": f.box, "transform": f.transform} for f in found]
+
+
+def _anonymize_record(pipe, key: Key, args, job: Job, decoded, faces) -> dict:
+    h, w = decoded.rgb.shape[:2]
+    rec = {"format": sidecar.FORMAT, "conventions": pipe.conventions.name,
+           "weights_id": pipe.weights_id, "key": key.record, "refine": not args.no_refine,
+           "mode": "aligned" if args.aligned else "photo", "size": [h, w], "faces": faces or []}
+    try:  # what recovery will refuse must not be written
+        sidecar.validate(rec, allow_costly=True)
+    except sidecar.SidecarError as e:
+        raise InputError(f"{job.src}: cannot record this image for recovery ({e})") from None
+    return rec
+
+
+def _anonymize_video(pipe, detector, key: Key, args, job: Job) -> None:
+    if args.aligned:
+        raise InputError(f"{job.src}: --aligned is for 256x256 face images, not videos")
+    _make_parent(job.dst)
+    opts = video_lib.EncodeOptions(codec=args.codec, crf=args.crf, keep_audio=args.keep_audio)
+    video_lib.anonymize_video(pipe, job.src, job.dst, key.k, detector=detector,
+                              key_record=key.record, refine=not args.no_refine, opts=opts,
+                              batch=args.batch, min_prob=args.det_threshold,
+                              min_size=args.min_face_size, quiet=args.quiet)
+
+
+def _warn_lossy(work: Plan, args) -> None:
+    if not work.folder and imageio.is_lossy_path(work.output):
+        print(f"warning: {work.output} is lossy (JPEG): recovery from it will be degraded; use "
+              ".png", file=sys.stderr)
+    if args.codec == "h264" and any(j.video for j in work.jobs):
+        print("warning: h264 is lossy: recovery of the videos will be degraded; the default ffv1 "
+              "is lossless", file=sys.stderr)
 
 
 def anonymize_main(argv: Sequence[str]) -> int:
@@ -503,42 +734,18 @@ def anonymize_main(argv: Sequence[str]) -> int:
     if os.path.isfile(args.input) and video_lib.looks_like_video(args.input):
         return video_lib.anonymize_command(args, kdf)
     work = plan(args.input, args.output, args.force)
-    if not work.folder and imageio.is_lossy_path(work.output):
-        print(f"warning: {work.output} is lossy (JPEG): recovery from it will be degraded; use "
-              ".png", file=sys.stderr)
+    _warn_lossy(work, args)
     cli.setup(args)
     pipe = pipeline_lib.load(args.weights, precision=args.precision)
     detector = None if args.aligned else load_detector(args.weights, args.detector)
     key = vector_key(pipe, args.key_vector) if kdf is None else secret_key(pipe, args, kdf, args.key_check)
     _check_resume(work.done, pipe, key, args.kdf_allow_costly)
-
-    def prepare(job):
-        decoded = imageio.read_image(job.src, min_size=MIN_PHOTO_SIDE)
-        if args.aligned:
-            if decoded.rgb.shape[:2] != (CROP, CROP):
-                h, w = decoded.rgb.shape[:2]
-                raise InputError(f"{job.src}: aligned input must be {CROP}x{CROP}, got {w}x{h} "
-                                 "(drop --aligned to detect faces)")
-            return decoded, None
-        found = detect_faces(detector, decoded.rgb, args.det_threshold, args.min_face_size)
-        if not found and args.no_face == "skip":
-            raise Skipped()
-        if not found and args.no_face == "fail":
-            raise NoFaceError(f"{job.src}: no face found")
-        return decoded, [{"box": f.box, "transform": f.transform} for f in found]
-
-    def record(job, decoded, faces):
-        h, w = decoded.rgb.shape[:2]
-        rec = {"format": sidecar.FORMAT, "conventions": pipe.conventions.name,
-               "weights_id": pipe.weights_id, "key": key.record, "refine": not args.no_refine,
-               "mode": "aligned" if args.aligned else "photo", "size": [h, w], "faces": faces or []}
-        try:  # what recovery will refuse must not be written
-            sidecar.validate(rec, allow_costly=True)
-        except sidecar.SidecarError as e:
-            raise InputError(f"{job.src}: cannot record this image for recovery ({e})") from None
-        return rec
-
-    return _run_jobs(work, pipe.anonymize, key, args, prepare, record, lambda job: not args.no_refine)
+    prepare = functools.partial(prepare_item, prepare=functools.partial(_prepare_anonymize, args, detector),
+                                make_record=functools.partial(_anonymize_record, pipe, key, args),
+                                refine_of=lambda job: not args.no_refine)
+    nets = Networks(pipe, recover=False, batch=args.batch)
+    return _run_jobs(work, nets, key, args, prepare,
+                     functools.partial(_anonymize_video, pipe, detector, key, args))
 
 
 def _recover_parser() -> argparse.ArgumentParser:
@@ -552,25 +759,33 @@ def _recover_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _read_sidecar(job: Job, allow_costly: bool):
+    path = sidecar.path_for(job.src)
+    if not os.path.lexists(path):
+        raise InputError(f"{job.src}: no sidecar {os.path.basename(path)} (recovery needs the file "
+                         f"written beside the anonymized {'video' if job.video else 'image'})")
+    try:
+        if job.video:  # its size is checked against the decoded frames
+            return sidecar.read_video(path, allow_costly)
+        side = sidecar.read(path, allow_costly)
+        size = imageio.header_size(job.src)  # before any network runs (checked again decoded)
+        if size is not None:
+            sidecar.check_size(side, (size[1], size[0]))
+        return side
+    except sidecar.SidecarError as e:
+        text = str(e)
+        raise e if text.startswith(path) else sidecar.SidecarError(f"{path}: {text}") from None
+
+
 def _read_sidecars(jobs: list[Job], allow_costly: bool):
-    """-> ({src: Sidecar}, [(src, error)]): a missing or invalid sidecar fails its item only."""
+    """-> ({src: Sidecar or VideoSidecar}, [(src, error)]): a missing or invalid sidecar fails
+    its item only."""
     found, failures = {}, []
     for job in jobs:
-        path = sidecar.path_for(job.src)
-        if not os.path.lexists(path):
-            failures.append((job.src, InputError(
-                f"{job.src}: no sidecar {os.path.basename(path)} (recovery needs the file written "
-                "beside the anonymized image)")))
-            continue
         try:
-            side = sidecar.read(path, allow_costly)
-            size = imageio.header_size(job.src)  # before any network runs (checked again decoded)
-            if size is not None:
-                sidecar.check_size(side, (size[1], size[0]))
-            found[job.src] = side
-        except sidecar.SidecarError as e:
-            text = str(e)
-            failures.append((job.src, e if text.startswith(path) else sidecar.SidecarError(f"{path}: {text}")))
+            found[job.src] = _read_sidecar(job, allow_costly)
+        except InputError as e:
+            failures.append((job.src, e))
     return found, failures
 
 
@@ -588,13 +803,41 @@ def recovery_key(pipe, args, record: dict) -> Key:
     return key
 
 
+def _check_weights(pipe, src: str, side) -> None:
+    if side.weights_id != pipe.weights_id or side.conventions != pipe.conventions.name:
+        raise InputError(f"{src}: anonymized with weights {sidecar.printable(side.weights_id)} "
+                         f"({side.conventions}), these are {pipe.weights_id}")
+
+
+def _prepare_recover(pipe, sides: dict, job: Job):
+    """-> (Decoded, faces) from the recorded alignment (never detects)."""
+    s = sides[job.src]
+    _check_weights(pipe, job.src, s)
+    decoded = imageio.read_image(job.src)
+    try:
+        sidecar.check_size(s, decoded.rgb.shape[:2])
+    except sidecar.SidecarError as e:
+        raise sidecar.SidecarError(f"{sidecar.path_for(job.src)}: {e}") from None
+    if s.mode == "aligned":
+        return decoded, None
+    return decoded, [{"box": list(f.box), "transform": [list(r) for r in f.transform]}
+                     for f in s.faces]
+
+
+def _recover_video(pipe, sides: dict, key: Key, args, job: Job) -> None:
+    _check_weights(pipe, job.src, sides[job.src])
+    _make_parent(job.dst)
+    video_lib.recover_video(pipe, job.src, job.dst, key.k, sides[job.src], batch=args.batch,
+                            quiet=args.quiet)
+
+
 def recover_main(argv: Sequence[str]) -> int:
     cli.refuse_secret_on_command_line(argv)
     args = _recover_parser().parse_args(argv)
     _check_flags(args)
     if os.path.isfile(args.input) and video_lib.looks_like_video(args.input):
         return video_lib.recover_command(args)
-    work = plan(args.input, args.output, args.force)
+    work = plan(args.input, args.output, args.force, recover=True)
     sides, failures = _read_sidecars(work.jobs, args.kdf_allow_costly)
     if failures and not work.folder:
         raise failures[0][1]
@@ -608,24 +851,10 @@ def recover_main(argv: Sequence[str]) -> int:
     cli.setup(args)
     pipe = pipeline_lib.load(args.weights, precision=args.precision)
     key = recovery_key(pipe, args, next(iter(records.values())))
-
-    def prepare(job):
-        s = sides[job.src]
-        if s.weights_id != pipe.weights_id or s.conventions != pipe.conventions.name:
-            raise InputError(f"{job.src}: anonymized with weights {sidecar.printable(s.weights_id)} "
-                             f"({s.conventions}), these are {pipe.weights_id}")
-        decoded = imageio.read_image(job.src)
-        try:
-            sidecar.check_size(s, decoded.rgb.shape[:2])
-        except sidecar.SidecarError as e:
-            raise sidecar.SidecarError(f"{sidecar.path_for(job.src)}: {e}") from None
-        if s.mode == "aligned":
-            return decoded, None
-        return decoded, [{"box": list(f.box), "transform": [list(r) for r in f.transform]}
-                         for f in s.faces]
-
-    def record(job, decoded, faces):
-        return sidecar.recovered(pipe.weights_id, sides[job.src].mode)
-
-    return _run_jobs(work, pipe.recover, key, args, prepare, record,
-                     lambda job: sides[job.src].refine, failures)
+    prepare = functools.partial(
+        prepare_item, prepare=functools.partial(_prepare_recover, pipe, sides),
+        make_record=lambda job, decoded, faces: sidecar.recovered(pipe.weights_id, sides[job.src].mode),
+        refine_of=lambda job: sides[job.src].refine)
+    nets = Networks(pipe, recover=True, batch=args.batch)
+    return _run_jobs(work, nets, key, args, prepare,
+                     functools.partial(_recover_video, pipe, sides, key, args), failures)

@@ -348,7 +348,7 @@ def test_cli_one_line_exit_codes_and_no_secret_anywhere(tmp_path, release_weight
     assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
     assert lines[0].startswith(f"error: {folder / 'broken.jpg'}: cannot read image")
     assert lines[1] == f"error: {folder / 'gray.png'}: no face found"
-    assert lines[2] == "error: 2 of 2 images failed, nothing written for them"
+    assert lines[2] == "error: 2 of 2 files failed, nothing written for them"
     assert SECRET not in bad.stderr and not list((tmp_path / "x").glob("*.png"))
 
 
@@ -483,3 +483,170 @@ def test_key_vector_header_is_checked_before_any_allocation(tmp_path, release_we
     assert anon(face, tmp_path / "b.png", "--weights", release_weights, "--aligned", "--key-vector",
                 tmp_path / "u.npy") == 0
     assert sidecar.read(str(tmp_path / "b.png.json")).key == {"path": "vector"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders that mix photos and videos; the producer, the padded batches and the devices
+
+
+def _mixed_folder(root):
+    """in/a.png (the astronaut photo), in/sub/b.png (a small frame of the clip, one face),
+    in/clips/pan (the synthetic clip, no extension: a video by content), notes.txt."""
+    from tests.helpers import clip_frames, clip_pts, face_frame, write_clip
+
+    src = root / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "clips").mkdir()
+    (src / "a.png").write_bytes(fixture("mtcnn_images/astronaut.png").read_bytes())
+    Image.fromarray(face_frame(2)).resize((258, 194), Image.BILINEAR).save(src / "sub" / "b.png")
+    write_clip(root / "pan.mkv", clip_frames(), clip_pts())
+    os.rename(root / "pan.mkv", src / "clips" / "pan")
+    (src / "notes.txt").write_text("not an image")
+    return src
+
+
+def test_folder_mixes_photos_and_videos(tmp_path, release_weights, secret_file, capsys):
+    from tests.helpers import CLIP_FACE_FRAMES, CLIP_FRAMES, read_clip
+
+    src, out, back = _mixed_folder(tmp_path), tmp_path / "out", tmp_path / "back"
+    (src / "clips" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    common = ["--weights", release_weights, "--secret-file", secret_file]
+    assert anon(src, out, *common, *FAST_KDF) == InputError.exit_code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"error: {src / 'clips' / 'broken.mp4'}: ") and len(err) == 2
+    assert err[1] == "error: 1 of 4 files failed, nothing written for them"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "a.png", "a.png.json", "clips", "clips/pan.mkv", "clips/pan.mkv.json", "sub", "sub/b.png",
+        "sub/b.png.json"]
+    side = sidecar.read_video(str(out / "clips" / "pan.mkv.json"))
+    assert side.frames == CLIP_FRAMES and [e[0] for e in side.tracks[0]] == CLIP_FACE_FRAMES
+    assert json.loads((out / "a.png.json").read_text())["mode"] == "photo"
+    frames_in, _ = read_clip(src / "clips" / "pan")
+    frames_out, _ = read_clip(out / "clips" / "pan.mkv")
+    assert len(frames_out) == CLIP_FRAMES
+    for i in range(CLIP_FRAMES):  # FFV1 by default: face-free frames pass through bit-exact
+        assert np.array_equal(frames_in[i], frames_out[i]) == (i not in CLIP_FACE_FRAMES), i
+    # Resume: the finished photo and video are kept (checked against this run's key settings).
+    os.unlink(src / "clips" / "broken.mp4")
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.*")}
+    assert anon(src, out, *common, *FAST_KDF) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.*")} == stamps
+    with pytest.raises(InputError, match="other key settings"):
+        anon(src, out, *common, "--kdf-memory-kib", "128", "--kdf-iterations", "1")
+    # Recovery finds the video by its video sidecar and recovers every item.
+    assert rec(out, back, *common) == 0
+    assert sorted(p.relative_to(back).as_posix() for p in back.rglob("*")) == [
+        "a.png", "a.png.json", "clips", "clips/pan.mkv", "clips/pan.mkv.json", "sub", "sub/b.png",
+        "sub/b.png.json"]
+    assert json.loads((back / "clips" / "pan.mkv.json").read_text())["mode"] == "video"
+    frames_back, _ = read_clip(back / "clips" / "pan.mkv")
+    assert len(frames_back) == CLIP_FRAMES
+    assert all(np.array_equal(frames_in[i], frames_back[i]) for i in range(CLIP_FRAMES)
+               if i not in CLIP_FACE_FRAMES)
+
+
+def test_folder_videos_follow_the_force_rules(tmp_path):
+    """Planning only (no networks): a video output in the way that this tool did not write is
+    refused even with --force; ours is kept (resume) or, with --force, redone."""
+    src = _mixed_folder(tmp_path)
+    out = tmp_path / "out"
+    (out / "clips").mkdir(parents=True)
+    (out / "clips" / "pan.mkv").write_bytes(b"someone else's video")
+    for force in (False, True):
+        with pytest.raises(InputError, match=r"in the way.*pan\.mkv: exists and was not written"):
+            commands.plan(str(src), str(out), force)
+    record = {"format": sidecar.VIDEO_FORMAT}
+    (out / "clips" / "pan.mkv.json").write_text(json.dumps(record))
+    plan = commands.plan(str(src), str(out), force=False)
+    assert [(os.path.relpath(j.src, src), j.video) for j in plan.jobs] == [("a.png", False),
+                                                                           ("sub/b.png", False)]
+    assert [(os.path.relpath(j.dst, out), j.video) for j in plan.done] == [("clips/pan.mkv", True)]
+    plan = commands.plan(str(src), str(out), force=True)
+    assert [os.path.relpath(j.dst, out) for j in plan.jobs] == ["a.png", "clips/pan.mkv", "sub/b.png"]
+    # The same stem as a photo's output is no clash (.png and .mkv); two clips of one stem are.
+    os.link(src / "clips" / "pan", src / "clips" / "pan.mp4")
+    with pytest.raises(InputError, match="written twice"):
+        commands.plan(str(src), str(tmp_path / "out2"), force=False)
+
+
+def test_video_flags_are_a_help_group():
+    groups = {g.title: [a.option_strings[0] for a in g._group_actions if a.option_strings]
+              for g in commands._anonymize_parser()._action_groups}
+    assert groups["video options"] == ["--codec", "--crf", "--keep-audio"]
+
+
+def test_prefetch_keeps_order_carries_errors_and_stops(tmp_path):
+    import threading
+
+    seen = []
+
+    def prepare(job):
+        seen.append(job)
+        if job == 2:
+            raise InputError("bad item 2")
+        return job * 10
+
+    with commands.prefetched(list(range(5)), prepare, depth=1) as results:
+        got = list(results)
+    assert [j for j, _ in got] == list(range(5))
+    assert [r for j, r in got if j != 2] == [0, 10, 30, 40] and isinstance(got[2][1], InputError)
+    # The consumer fails after the first item: the producer, blocked on the full queue, stops.
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt), commands.prefetched(list(range(1000)), prepare, depth=1) as results:
+        next(results)
+        raise KeyboardInterrupt
+    assert len(seen) <= 3
+    assert not [t for t in threading.enumerate() if t.name == "ifadit-prefetch"]
+
+
+def test_a_folder_compiles_each_network_once(tmp_path, release_weights, secret_file, monkeypatch):
+    """5 aligned faces at batch 4: two calls, the second padded, one program lowered and
+    compiled (a persistent-cache hit still lowers, so lowerings count every compile)."""
+    import jax
+    from jax import monitoring
+
+    from ifadit_jax import pipeline
+
+    lowered = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            lowered.append(kwargs.get("fun_name"))
+
+    def fresh_anonymize(nets, images, k, refine):  # a new function: JAX has not cached it
+        return pipeline.anonymize(nets, images, k, refine=refine)
+
+    monkeypatch.setattr(commands, "_ANONYMIZE", jax.jit(fresh_anonymize, static_argnames=("refine",)))
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        aligned_face(src / f"{i}.png", i)
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        assert anon(src, tmp_path / "out", "--weights", release_weights, "--aligned",
+                    "--secret-file", secret_file, "--batch", "4", *FAST_KDF) == 0
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert len(list((tmp_path / "out").glob("*.png"))) == 5
+    assert lowered.count("jit(fresh_anonymize)") == 1, [n for n in lowered if "stage" not in n]
+
+
+def test_two_devices_give_the_same_images_as_one(tmp_path, release_weights, secret_file):
+    """The folder CLI on 2 fake CPU devices (batch 3 rounded up to 4, split 2 + 2) writes the
+    same images as on one device."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        aligned_face(src / f"{i}.png", 10 + i)
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        proc = run_cli("-m", "ifadit_jax.anonymize", str(src), str(out), "--weights", str(release_weights),
+                       "--aligned", "--secret-file", str(secret_file), "--batch", "3", "--verbose",
+                       *FAST_KDF, env={**CLI_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+        want = f"networks: 2 calls of {3 if n == 1 else 4} images on {n} device(s)"
+        assert want in proc.stderr, proc.stderr
+        outs[n] = {p.name: imageio.to_uint8(imageio.read_rgb(p)).astype(int) for p in out.glob("*.png")}
+    assert sorted(outs[1]) == sorted(outs[2]) == [f"{i}.png" for i in range(5)]
+    for name in outs[1]:
+        assert np.abs(outs[1][name] - outs[2][name]).max() <= 1, name

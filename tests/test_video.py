@@ -10,85 +10,23 @@ from __future__ import annotations
 
 import json
 import re
-from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
 from PIL import Image
-from skimage import data
 
 from ifadit_jax import commands, sidecar, video
 from ifadit_jax.errors import InputError
-from tests.helpers import run_cli
+from tests.helpers import CLIP_FACE_FRAMES as FACE_FRAMES
+from tests.helpers import CLIP_FRAMES as N_FRAMES
+from tests.helpers import CLIP_SIZE as SIZE
+from tests.helpers import clip_frames, clip_pts, read_clip, run_cli, write_clip
+from tests.helpers import face_frame as _face_frame
+from tests.helpers import plain_frame as _plain_frame
 
 SECRET = "video test secret"
 FAST_KDF = ["--kdf-memory-kib", "64", "--kdf-iterations", "1"]
-SIZE = (97, 129)  # height, width: odd on purpose
-TIME_BASE = Fraction(1, 90)
-FACE_FRAMES = [0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13]
-N_FRAMES = 17
-
-
-def _face_frame(step: int) -> np.ndarray:
-    img = data.astronaut()  # 512x512, the face near x 170-260, y 60-170
-    x0 = 40 + 8 * step
-    crop = img[10:310, x0:x0 + 400]
-    return np.asarray(Image.fromarray(crop).resize((SIZE[1], SIZE[0]), Image.BILINEAR))
-
-
-def _plain_frame(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)  # noise: no face, and every pixel value matters
-    return rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8)
-
-
-def clip_frames() -> list[np.ndarray]:
-    frames = []
-    for i in range(N_FRAMES):
-        frames.append(_face_frame(i) if i in FACE_FRAMES else _plain_frame(i))
-    return frames
-
-
-def clip_pts() -> list[int]:
-    # Variable frame rate: gaps of 3 and 4 ticks of 1/90 s alternate.
-    return [int(sum(3 + (j % 2) for j in range(i))) for i in range(N_FRAMES)]
-
-
-def _write_audio(out, a, seconds: float) -> None:
-    """A quiet 440 Hz tone (AAC, 8 kHz mono) of about `seconds` into stream `a`."""
-    t = np.arange(int(seconds * 8000) // 1024 * 1024 + 1024) / 8000
-    tone = (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-    for i in range(0, len(tone), 1024):
-        f = av.AudioFrame.from_ndarray(tone[None, i:i + 1024], format="fltp", layout="mono")
-        f.sample_rate, f.pts = 8000, i
-        out.mux(a.encode(f))
-    out.mux(a.encode())
-
-
-def write_clip(path, frames, pts, codec="ffv1", audio=False, rotation=0):
-    with av.open(str(path), "w") as out:
-        s = out.add_stream(codec, rate=25)
-        s.height, s.width = frames[0].shape[:2]
-        s.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
-        s.codec_context.time_base = TIME_BASE
-        if rotation:
-            s.set_display_rotation(rotation)
-        a = out.add_stream("aac", rate=8000, layout="mono") if audio else None
-        for fr, p in zip(frames, pts):
-            f = av.VideoFrame.from_ndarray(fr, format="rgb24")
-            f.pts, f.time_base = p, TIME_BASE
-            out.mux(s.encode(f))
-        out.mux(s.encode())
-        if audio:
-            _write_audio(out, a, pts[-1] / 90)
-
-
-def read_clip(path):
-    """-> (frames uint8, pts in seconds)."""
-    with av.open(str(path)) as c:
-        got = [(f.to_ndarray(format="rgb24"), float(f.pts * f.time_base)) for f in c.decode(video=0)]
-    return [g[0] for g in got], [g[1] for g in got]
-
 
 @pytest.fixture(scope="module")
 def secret_file(tmp_path_factory):
