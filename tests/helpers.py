@@ -141,7 +141,7 @@ def clip_pts() -> list[int]:
     return [int(sum(3 + (j % 2) for j in range(i))) for i in range(CLIP_FRAMES)]
 
 
-def _write_audio(out, a, seconds: float) -> None:
+def write_audio(out, a, seconds: float) -> None:
     """A quiet 440 Hz tone (AAC, 8 kHz mono) of about `seconds` into stream `a`."""
     import av
 
@@ -171,7 +171,7 @@ def write_clip(path, frames, pts, codec="ffv1", audio=False, rotation=0):
             out.mux(s.encode(f))
         out.mux(s.encode())
         if audio:
-            _write_audio(out, a, pts[-1] / 90)
+            write_audio(out, a, pts[-1] / 90)
 
 
 def read_clip(path):

@@ -21,7 +21,7 @@ from ifadit_jax.errors import InputError
 from tests.helpers import CLIP_FACE_FRAMES as FACE_FRAMES
 from tests.helpers import CLIP_FRAMES as N_FRAMES
 from tests.helpers import CLIP_SIZE as SIZE
-from tests.helpers import clip_frames, clip_pts, read_clip, run_cli, write_clip
+from tests.helpers import clip_frames, clip_pts, read_clip, run_cli, write_audio, write_clip
 from tests.helpers import face_frame as _face_frame
 from tests.helpers import plain_frame as _plain_frame
 
@@ -406,7 +406,7 @@ def test_zero_frames_is_one_error_and_nothing_written(tmp_path, release_weights,
         s = out.add_stream("ffv1", rate=25)
         s.height, s.width, s.pix_fmt = SIZE[0], SIZE[1], "bgr0"
         a = out.add_stream("aac", rate=8000, layout="mono")
-        _write_audio(out, a, 0.5)
+        write_audio(out, a, 0.5)
         out.mux(s.encode())
     assert video.is_video(str(src))
     proc = run_cli("-m", "ifadit_jax.anonymize", str(src), str(tmp_path / "o.mkv"), "--weights",
