@@ -63,7 +63,9 @@ DET_FRAMES = 4  # frames per detector call (MTCNN.detect_many): fewer, larger ne
 RENDER_FRAMES = 8
 MIN_SIDE = 24  # as for photos: MTCNN's smallest pyramid level needs 12 px, faces more
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts")
-_IMAGE_DEMUXERS = ("image2",)  # FFmpeg also opens photos as one-frame "videos"
+# FFmpeg also opens photos as one-frame "videos", and renders text files with the .nfo, .asc,
+# .diz, .ans extensions as ANSI art ("tty"): neither is a video.
+_IMAGE_DEMUXERS = ("image2", "tty")
 # Formats that hold a photo or an animation: a video only with at least two frames.
 _ANIMATION_DEMUXERS = ("gif", "apng")
 

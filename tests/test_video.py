@@ -212,6 +212,9 @@ def test_is_video_by_content_not_extension(tmp_path, run):
     photo = tmp_path / "face.png"
     Image.fromarray(_face_frame(0)).save(photo)
     assert not video.is_video(str(photo))
+    text = tmp_path / "readme.nfo"  # FFmpeg's tty demuxer would draw it as ANSI art
+    text.write_text("release notes\n")
+    assert not video.is_video(str(text))
 
 
 def test_not_a_video_is_one_error_line(tmp_path, release_weights, secret_file):
