@@ -194,7 +194,7 @@ class Produced:
 
 def transcode(src: str, dst: str, crf: int) -> None:
     """Re-encodes the FFV1 file `src` with H.264 at `crf` (timestamps and rotation kept)."""
-    with video_lib._open(src) as container:
+    with video_lib.open_video(src) as container:
         frames = video_lib.decode(container, src)
         first = next(frames)
         writer = video_lib.Writer(dst, container, video_lib.EncodeOptions("h264", crf), first.rotation)
@@ -266,7 +266,7 @@ def _embed(nets, pipe, crops: np.ndarray) -> np.ndarray:
     """ArcFace embeddings of [N, 256, 256, 3] crops in fixed batches -> [N, 512]."""
     out = []
     for s in range(0, len(crops), EMBED_BATCH):
-        chunk = video_lib._pad_to(crops[s:s + EMBED_BATCH], EMBED_BATCH)
+        chunk = video_lib.pad_to(crops[s:s + EMBED_BATCH], EMBED_BATCH)
         out.append(np.asarray(ev.embed(nets, pipe.nets, chunk)["arcface"])[:min(EMBED_BATCH, len(crops) - s)])
     return np.concatenate(out)
 
@@ -280,7 +280,7 @@ def _face_step(tally: Tally, nets, pipe, index: int, images: dict, faces) -> Non
     """Embeddings, recovery measures and consistency entries of the faces of frame `index`."""
     views = ["original", *tally.outputs]
     transforms = [a for a, _ in faces]
-    crops = {name: video_lib._crops(img, transforms) for name, img in images.items()}
+    crops = {name: video_lib.face_crops(img, transforms) for name, img in images.items()}
     order = [_view(v) for v in views] + [f"rec:{v}" for v in tally.outputs]
     emb = _embed(nets, pipe, np.concatenate([crops[name] for name in order]))
     emb = dict(zip(order, np.split(emb, len(order))))
@@ -326,10 +326,10 @@ def compare(original: str, produced: Produced, nets, pipe) -> Tally:
     paths = {"original": original,
              **{f"anon:{v}": p for v, p in produced.anonymized.items()},
              **{f"rec:{v}": p for v, p in produced.recovered.items()}}
-    by_frame = video_lib._faces_by_frame(side.tracks, range(len(side.tracks)))
+    by_frame = video_lib.faces_by_frame(side.tracks, range(len(side.tracks)))
     h, w = side.size
     with contextlib.ExitStack() as stack:
-        streams = {n: video_lib.decode(stack.enter_context(video_lib._open(p)), p) for n, p in paths.items()}
+        streams = {n: video_lib.decode(stack.enter_context(video_lib.open_video(p)), p) for n, p in paths.items()}
         previous = None
         for frames in zip(*streams.values()):
             images = {n: np.ascontiguousarray(f.rgb[:h, :w]) for n, f in zip(streams, frames)}

@@ -158,7 +158,7 @@ def looks_like_video(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS or is_video(path)
 
 
-def _open(path: str):
+def open_video(path: str):
     """The opened container; its declared frame size checked against the photo limits."""
     import av
 
@@ -326,7 +326,7 @@ def render_faces(nets, crops, z, refine: bool):
 _identity = jax.jit(pipeline_lib.identity)
 
 
-def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
+def pad_to(x: np.ndarray, n: int) -> np.ndarray:
     """Repeats the last row of `x` up to `n` rows."""
     return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)]) if len(x) < n else x
 
@@ -336,14 +336,14 @@ def _padded(fn, crops: np.ndarray, batch: int, *extra):
     outs = []
     for start in range(0, len(crops), batch):
         n = min(batch, len(crops) - start)
-        args = [_pad_to(x[start:start + n], batch) for x in (crops, *extra)]
+        args = [pad_to(x[start:start + n], batch) for x in (crops, *extra)]
         result = fn(*args)
         result = result if isinstance(result, tuple) else (result,)
         outs.append([None if r is None else np.asarray(r)[:n] for r in result])
     return [None if parts[0] is None else np.concatenate(parts) for parts in zip(*outs)]
 
 
-def _crops(rgb: np.ndarray, transforms) -> np.ndarray:
+def face_crops(rgb: np.ndarray, transforms) -> np.ndarray:
     photo = rgb.astype(np.float32) / 255.0
     return np.stack([align.warp_to_crop(photo, np.asarray(a), CROP) for a in transforms])
 
@@ -359,7 +359,7 @@ def _embed_many(pipe, frames: list, transforms: list, batch: int) -> list:
     if not sum(counts):
         return [np.zeros((0, 512), np.float32) for _ in frames]
     with _stage("warp"):
-        crops = np.concatenate([_crops(rgb, t) for rgb, t in zip(frames, transforms) if len(t)])
+        crops = np.concatenate([face_crops(rgb, t) for rgb, t in zip(frames, transforms) if len(t)])
     with _stage("networks"):
         z = identities(pipe, crops, batch)
     return np.split(z, np.cumsum(counts)[:-1])
@@ -388,7 +388,7 @@ def render_frames(pipe, frames: list, faces: list, refine: bool, batch: int) -> 
     if not any(faces):
         return list(frames)
     with _stage("warp"):
-        crops = np.concatenate([_crops(rgb, [a for a, _ in fs]) for rgb, fs in zip(frames, faces) if fs])
+        crops = np.concatenate([face_crops(rgb, [a for a, _ in fs]) for rgb, fs in zip(frames, faces) if fs])
     z = np.stack([np.asarray(z, np.float32) for fs in faces for _, z in fs])
     with _stage("networks"):
         out, masks = _padded(lambda c, zz: render_faces(pipe.nets, c, zz, refine), crops, batch, z)
@@ -595,7 +595,7 @@ def track_pass(pipe, detector, path: str, batch: int = 4, min_prob: float = 0.9,
     """Pass 1 of anonymization: detect (DET_FRAMES frames per detector call), embed and track
     every face -> (tracks, clip)."""
     tracker, clip, last, group = Tracker(), None, None, []
-    with _open(path) as container:
+    with open_video(path) as container:
         bar = _progress(container.streams.video[0].frames, "tracking", quiet)
         for frame in decode(container, path):
             if clip is None:
@@ -617,7 +617,7 @@ def track_pass(pipe, detector, path: str, batch: int = 4, min_prob: float = 0.9,
     return tracker.tracks, clip
 
 
-def _faces_by_frame(tracks_transforms, identities_per_track) -> dict[int, list]:
+def faces_by_frame(tracks_transforms, identities_per_track) -> dict[int, list]:
     """{frame index: [(2x3 transform, identity [512]), ...]} from per-track (frame, A) lists."""
     by_frame: dict[int, list] = {}
     for entries, z in zip(tracks_transforms, identities_per_track):
@@ -632,7 +632,7 @@ def render_pass(pipe, src: str, dst: str, by_frame: dict, clip: Clip, refine: bo
     caller's temporary file, replaced)."""
     import av
 
-    with _open(src) as container:
+    with open_video(src) as container:
         try:
             writer = Writer(dst, container, opts, clip.rotation)
         except (av.error.FFmpegError, ValueError) as e:
@@ -720,7 +720,7 @@ def anonymize_video(pipe, src: str, dst: str, k, *, detector, key_record: dict,
         sidecar.validate_video(record, allow_costly=True)
     except sidecar.SidecarError as e:
         raise InputError(f"{src}: cannot record this video for recovery ({e})") from None
-    by_frame = _faces_by_frame(transforms, z_anon)
+    by_frame = faces_by_frame(transforms, z_anon)
     _write_outputs(dst, record, lambda tmp: render_pass(pipe, src, tmp, by_frame, clip, refine,
                                                         opts, batch, quiet))
     return record
@@ -738,9 +738,9 @@ def _add_identities(pipe, frames: list, by_frame: dict, sums: np.ndarray, batch:
 def _identity_pass(pipe, path: str, side: sidecar.VideoSidecar, batch: int, quiet: bool):
     """Recovery pass 1: the normalized mean E_ID of each track over the anonymized frames, from
     the recorded transforms -> ([tracks, 512], Clip)."""
-    by_frame = _faces_by_frame([t for t in side.tracks], range(len(side.tracks)))
+    by_frame = faces_by_frame([t for t in side.tracks], range(len(side.tracks)))
     sums, clip, last, group = np.zeros((len(side.tracks), 512)), None, None, []
-    with _open(path) as container:
+    with open_video(path) as container:
         bar = _progress(side.frames, "reading identities", quiet)
         for frame in decode(container, path):
             if clip is None:
@@ -771,7 +771,7 @@ def recover_video(pipe, src: str, dst: str, k, side: sidecar.VideoSidecar, *, ba
     the track, attributes from each frame. Never detects. Returns the written sidecar."""
     z_tracks, clip = _identity_pass(pipe, src, side, batch, quiet)
     z_rec = recovered_identities(pipe, z_tracks, k) if len(side.tracks) else []
-    by_frame = _faces_by_frame(side.tracks, z_rec)
+    by_frame = faces_by_frame(side.tracks, z_rec)
     opts = EncodeOptions(codec="ffv1")
     record = sidecar.recovered(pipe.weights_id, "video")
     _write_outputs(dst, record, lambda tmp: render_pass(pipe, src, tmp, by_frame, clip, side.refine,
@@ -818,7 +818,7 @@ def anonymize_command(args, kdf) -> int:
     from ifadit_jax import cli, commands
 
     _check_video_flags(args)
-    _open(args.input).close()  # not a video: one error line before the weights load
+    open_video(args.input).close()  # not a video: one error line before the weights load
     dst = plan_output(args.input, args.output, args.force, args.codec)
     if args.codec == "h264":
         print("warning: h264 is lossy: recovery from it will be degraded; the default ffv1 is "
@@ -841,7 +841,7 @@ def recover_command(args) -> int:
     """`python -m ifadit_jax.recover out.mkv rec.mkv ...`: reads OUT.mkv.json, never detects."""
     from ifadit_jax import cli, commands
 
-    _open(args.input).close()
+    open_video(args.input).close()
     side_path = sidecar.path_for(args.input)
     if not os.path.lexists(side_path):
         raise InputError(f"{args.input}: no sidecar {os.path.basename(side_path)} (recovery needs "
