@@ -71,14 +71,27 @@ def print_peak(peak_flops: float) -> None:
 
 
 def report(name: str, batch: int, compile_s: float, step_s: float, flop: float = float("nan"),
-           peak_flops: float | None = None) -> None:
-    """One line: images/s, ms/batch, first-call seconds, and, with `flop` (per batch) and
+           peak_flops: float | None = None, unit: str = "images") -> None:
+    """One line: images/s, ms/batch, compile seconds, and, with `flop` (per batch) and
     `peak_flops` (measured just before), GFLOP/s and its fraction of the peak."""
-    line = (f"{name:46s} {batch / step_s:9.2f} images/s   ({step_s * 1e3:8.1f} ms/batch, "
-            f"first call {compile_s:5.1f} s)")
+    line = (f"{name:46s} {batch / step_s:9.2f} {unit}/s   ({step_s * 1e3:8.1f} ms/batch, "
+            f"compile {compile_s:5.1f} s)")
     if flop == flop:  # not NaN
         rate = flop / step_s
-        line += f"  {flop / batch / 1e9:6.2f} GFLOP/image  {rate / 1e9:6.1f} GFLOP/s"
+        line += f"  {flop / batch / 1e9:6.3f} GFLOP each  {rate / 1e9:6.1f} GFLOP/s"
         if peak_flops:
-            line += f"  {rate / peak_flops:5.1%} of peak"
+            line += f"  {rate / peak_flops:5.1%} of peak ({peak_flops / 1e9:.0f} GFLOP/s)"
     print(line, flush=True)
+
+
+def measure(name: str, fn, batch: int, iters: int, *args, unit: str = "images") -> float:
+    """Times jitted `fn(*args)` (median of `iters` after a compiling call), measures the peak
+    right before, and prints `report`'s line with cost-analysis FLOPs; returns seconds/call."""
+    fn = fn if hasattr(fn, "lower") else jax.jit(fn)
+    t0 = time.perf_counter()
+    flop = flops(fn, *args)  # compiles; the jit's own first call then reuses the executable
+    compile_s = time.perf_counter() - t0
+    p = peak()
+    _, step_s = time_it(fn, iters, *args)
+    report(name, batch, compile_s, step_s, flop, p, unit=unit)
+    return step_s
