@@ -1,12 +1,13 @@
 """Benchmark (not a test): StyleGAN2 synthesis throughput at 256 px.
 
 Prints, per width and batch: images/s, XLA's cost-analysis FLOPs, FLOP/s and its fraction of the
-machine's peak (a 4096^3 float32 matmul, best of 3, measured in this process right before each
-figure), compile time and peak memory. Issue 16 asks for >= 50% of peak at batch 1 and 4 and
+machine's peak (a 4096^3 float32 matmul measured in this process right before every timed call,
+bench/common.py `time_against_peak`), compile time and peak memory. Issue 16 asks for >= 50% of peak at batch 1 and 4 and
 images/s non-decreasing from batch 1 to 4 to 8; the last line says whether the per-image rate
 held up, in fractions of peak so that the shared machine's load cancels.
 
   python bench/bench_generator.py [--repeats N] [--batches 1,4,8] [--widths fixture,real]
+                                  [--precision float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ifadit_jax.nets import stylegan2  # noqa: E402
 
-from common import flops, peak, time_it  # noqa: E402  (bench/common.py)
+from common import flops, time_against_peak  # noqa: E402  (bench/common.py)
 
 WIDTHS = {
     # The parity fixtures: rosinality channels divided by 8, style dim 64.
@@ -40,16 +42,18 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench(name: str, cfg: stylegan2.Config, batch: int, repeats: int) -> float:
-    """Prints one line; returns the fraction of peak reached."""
+def bench(name: str, cfg: stylegan2.Config, batch: int, repeats: int,
+          dtype=jnp.float32) -> float:
+    """Prints one line; returns the fraction of peak reached. `dtype` bfloat16: weights and
+    latents cast inside the jitted call (as the pipeline's bfloat16 mode does), float32 stored."""
     G = stylegan2.random_generator(cfg, seed=0)
     ws = jax.random.normal(jax.random.key(1), (batch, cfg.n_latent, cfg.w_dim))
-    fn = jax.jit(lambda v, w: G.module.apply(v, w, "const", method="synthesize"))
+    cast = lambda t: jax.tree.map(lambda a: a.astype(dtype), t)  # noqa: E731
+    fn = jax.jit(lambda v, w: G.module.apply(cast(v), cast(w), "const", method="synthesize"))
     t0 = time.perf_counter()
     flop = flops(fn, G.variables, ws)
     compile_s = time.perf_counter() - t0
-    p = peak()
-    _, t = time_it(fn, repeats, G.variables, ws)
+    t, p = time_against_peak(fn, repeats, G.variables, ws)
     frac = flop / t / p
     print(f"{name:8s} batch {batch}: {batch / t:8.3f} images/s  ({t * 1e3:8.1f} ms/batch, "
           f"{flop / batch / 1e9:6.1f} GFLOP/image, {flop / t / 1e9:6.1f} GFLOP/s = {frac:6.1%} "
@@ -63,11 +67,14 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", default="1,4,8")
     p.add_argument("--widths", default="fixture,real")
+    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype; fractions stay of the float32 peak")
     args = p.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}); "
           f"{os.cpu_count()} CPUs; {platform.processor() or platform.machine()}")
     for name in args.widths.split(","):
-        fracs = [bench(name, WIDTHS[name], int(b), args.repeats) for b in args.batches.split(",")]
+        fracs = [bench(name, WIDTHS[name], int(b), args.repeats, jnp.dtype(args.precision))
+                 for b in args.batches.split(",")]
         # FLOPs per image do not depend on the batch, so a fraction of peak that does not fall
         # means images/s per image that does not fall (at the peak of the moment).
         falls = any(b < a * 0.95 for a, b in zip(fracs, fracs[1:]))

@@ -2,12 +2,13 @@
 analysis), time, FLOP/s and fraction of the machine's peak measured just before it.
 
 Random weights at the fixtures' small widths and at the official full widths; CPU or whatever
-JAX runs on. Stages are timed as separately jitted pure functions of the same `Nets`; each
-stage's figure is the median of `--repeats` calls after a warm-up, and the peak (a 4096^3
-float32 matmul, best of 3) is re-measured before every stage, so a neighbour's load on a shared
+JAX runs on. Stages are timed as separately jitted pure functions of the same `Nets`; the peak
+(a 4096^3 float32 matmul) is re-measured right before every timed call and each figure is the
+call of median fraction (bench/common.py `time_against_peak`), so a neighbour's load on a shared
 machine lowers both and mostly cancels out of the fraction.
 
   python bench/bench_pipeline.py [--widths small,real] [--batches 1,4] [--repeats 3]
+                                 [--precision float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -24,33 +25,42 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ifadit_jax import flow as flow_lib  # noqa: E402
 from ifadit_jax import pipeline, random_nets  # noqa: E402
 
-from common import flops, peak, time_it  # noqa: E402  (bench/common.py)
+from common import flops, time_against_peak  # noqa: E402  (bench/common.py)
 
 
 def stage_line(name: str, batch: int, fn, args, repeats: int) -> float:
     """Times one stage and prints its line; returns seconds per batch."""
     fn = jax.jit(fn)
     flop = flops(fn, *args)
-    p = peak()
-    _, t = time_it(fn, repeats, *args)
+    t, p = time_against_peak(fn, repeats, *args)
     rate = flop / t
     print(f"  {name:18s} {flop / batch / 1e9:7.2f} GFLOP/image {t * 1e3:9.1f} ms/batch "
           f"{rate / 1e9:7.1f} GFLOP/s  {rate / p:6.1%} of peak ({p / 1e9:.0f} GFLOP/s)", flush=True)
     return t
 
 
-def bench(name: str, configs: dict, batch: int, repeats: int) -> None:
+def _flow_forward(nets, z, k):
+    if hasattr(nets, "apply"):  # Nets keyed by role: the flow is one of them
+        return nets.apply("flow", z, k)
+    return flow_lib.sif_forward(nets.flow, z, k)
+
+
+def bench(name: str, configs: dict, batch: int, repeats: int, precision: str) -> None:
     pipe = random_nets.random_pipeline(0, configs=configs)
     nets = pipe.nets
+    if precision != "float32":
+        if not hasattr(nets, "with_precision"):
+            raise SystemExit(f"error: this checkout's pipeline has no {precision} mode")
+        nets = nets.with_precision(precision)
     x = jax.random.uniform(jax.random.key(1), (batch, 256, 256, 3))
     k = pipe.key_from_vector(jnp.full((1, 512), 0.75))[0]
     z = pipeline.identity(nets, x)
     attr = pipeline.attributes(nets, x)
-    print(f"{name} widths, batch {batch}:", flush=True)
+    print(f"{name} widths, batch {batch}, {precision} (fractions of the float32 peak):", flush=True)
     stages = {
         "E_ID": (pipeline.identity, (nets, x)),
         "E_Attr": (pipeline.attributes, (nets, x)),
-        "T": (lambda n, z, k: flow_lib.sif_forward(n.flow, z, k), (nets, z, k)),
+        "T": (_flow_forward, (nets, z, k)),
         "M+G": (pipeline.render, (nets, z, attr)),
         "parser (mask)": (pipeline.face_mask, (nets, x)),
     }
@@ -66,12 +76,13 @@ def main():
     p.add_argument("--widths", default="small,real")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind})")
     configs = {"small": random_nets.SMALL_CONFIGS, "real": random_nets.REAL_CONFIGS}
     for name in args.widths.split(","):
         for b in (int(v) for v in args.batches.split(",")):
-            bench(name, configs[name], b, args.repeats)
+            bench(name, configs[name], b, args.repeats, args.precision)
 
 
 if __name__ == "__main__":

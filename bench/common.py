@@ -56,6 +56,23 @@ def peak(n: int = 4096, repeats: int = 3, dtype=jnp.float32) -> float:
     return 2.0 * n ** 3 / best
 
 
+def time_against_peak(fn, repeats: int, *args) -> tuple[float, float]:
+    """(seconds, peak FLOP/s) of the timed call whose fraction of peak is the median, with a peak
+    (best of 2) measured right before every one of `repeats` timed calls, after one warm-up call.
+    Pairing each call with its own peak divides like by like while a neighbour's load comes and
+    goes; a peak measured once is as noisy as the figure itself on a shared machine."""
+    jax.block_until_ready(fn(*args))
+    times, peaks = [], []
+    for _ in range(repeats):
+        peaks.append(peak(repeats=2))
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    fracs = sorted(range(repeats), key=lambda i: 1.0 / (times[i] * peaks[i]))
+    mid = fracs[(repeats - 1) // 2]  # the call of median fraction, with its own peak
+    return times[mid], peaks[mid]
+
+
 def flops(fn, *args, **kwargs) -> float:
     """FLOPs of one call of `fn(*args)` from XLA's cost analysis of its compiled form
     (NaN where the backend gives none)."""
@@ -63,11 +80,6 @@ def flops(fn, *args, **kwargs) -> float:
     cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
-
-
-def print_peak(peak_flops: float) -> None:
-    print(f"  measured peak: {peak_flops / 1e9:7.1f} GFLOP/s (4096^3 float32 matmul, best of 3)",
-          flush=True)
 
 
 def report(name: str, batch: int, compile_s: float, step_s: float, flop: float = float("nan"),
@@ -85,13 +97,11 @@ def report(name: str, batch: int, compile_s: float, step_s: float, flop: float =
 
 
 def measure(name: str, fn, batch: int, iters: int, *args, unit: str = "images") -> float:
-    """Times jitted `fn(*args)` (median of `iters` after a compiling call), measures the peak
-    right before, and prints `report`'s line with cost-analysis FLOPs; returns seconds/call."""
+    """Times jitted `fn(*args)` against the peak (`time_against_peak`, `iters` calls) and prints `report`'s line with cost-analysis FLOPs; returns seconds/call."""
     fn = fn if hasattr(fn, "lower") else jax.jit(fn)
     t0 = time.perf_counter()
     flop = flops(fn, *args)  # compiles; the jit's own first call then reuses the executable
     compile_s = time.perf_counter() - t0
-    p = peak()
-    _, step_s = time_it(fn, iters, *args)
+    step_s, p = time_against_peak(fn, iters, *args)
     report(name, batch, compile_s, step_s, flop, p, unit=unit)
     return step_s
