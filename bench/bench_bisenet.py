@@ -12,11 +12,10 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import measure  # bench/common.py
 
 from ifadit_jax import refine
 from ifadit_jax.nets import bisenet
-
-from common import measure  # bench/common.py
 
 FIXTURE_CONFIG = {"n_classes": 19, "stem_width": 8, "layer_widths": [8, 16, 32, 64],
                   "layer_blocks": [2, 2, 2, 2], "context_width": 16, "fusion_width": 32,
@@ -40,13 +39,13 @@ def main() -> None:
         x = bisenet.preprocess(images256)
         variables = module.init(jax.random.key(0), x[:1])
         net = bisenet.LoadedBiSeNet(configs[name], variables)
-        measure(f"parser ({name}), 512px, 3 heads upsampled", lambda v, x: net.module.apply(v, x),
+        measure(f"parser ({name}), 512px, 3 heads upsampled", lambda v, x, net=net: net.module.apply(v, x),
                 b, args.iters, net.variables, x)
         measure(f"parser ({name}), 512px, heads before upsampling",
-                lambda v, x: net.module.apply(v, x, upsample=False), b, args.iters,
+                lambda v, x, net=net: net.module.apply(v, x, upsample=False), b, args.iters,
                 net.variables, x)
         measure(f"face mask ({name}), 256 -> 512 -> 256 soft mask",
-                lambda v, im: refine.face_mask_from_parser(net.module, v, im), b, args.iters,
+                lambda v, im, net=net: refine.face_mask_from_parser(net.module, v, im), b, args.iters,
                 net.variables, images256)
     fg = jnp.asarray(rng.random((b, 256, 256, 3), np.float32))
     masks = jnp.asarray((rng.random((b, 256, 256, 1)) > 0.5).astype(np.float32))

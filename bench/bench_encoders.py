@@ -16,10 +16,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import measure, random_variables  # bench/common.py
 
 from ifadit_jax.nets import arcface, psp
-
-from common import measure, random_variables  # bench/common.py
 
 ARCFACE = {"fixture": (16, 24, 28, 32), "official": (64, 128, 256, 512)}
 # (stage widths, style conv width, w_dim); 14 styles at 256 px.

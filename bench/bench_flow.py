@@ -17,10 +17,9 @@ import time
 
 import jax
 import numpy as np
+from common import flops, peak  # bench/common.py
 
 from ifadit_jax import flow, keys
-
-from common import flops, peak  # bench/common.py
 
 
 @jax.jit

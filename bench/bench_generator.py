@@ -13,6 +13,7 @@ held up, in fractions of peak so that the shared machine's load cancels.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import resource
@@ -24,9 +25,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ifadit_jax.nets import stylegan2  # noqa: E402
+from common import flops, time_against_peak
 
-from common import flops, time_against_peak  # noqa: E402  (bench/common.py)
+from ifadit_jax.nets import stylegan2
 
 WIDTHS = {
     # The parity fixtures: rosinality channels divided by 8, style dim 64.
@@ -48,7 +49,7 @@ def bench(name: str, cfg: stylegan2.Config, batch: int, repeats: int,
     latents cast inside the jitted call (as the pipeline's bfloat16 mode does), float32 stored."""
     G = stylegan2.random_generator(cfg, seed=0)
     ws = jax.random.normal(jax.random.key(1), (batch, cfg.n_latent, cfg.w_dim))
-    cast = lambda t: jax.tree.map(lambda a: a.astype(dtype), t)  # noqa: E731
+    cast = lambda t: jax.tree.map(lambda a: a.astype(dtype), t)
     fn = jax.jit(lambda v, w: G.module.apply(cast(v), cast(w), "const", method="synthesize"))
     t0 = time.perf_counter()
     flop = flops(fn, G.variables, ws)
@@ -77,7 +78,7 @@ def main():
                  for b in args.batches.split(",")]
         # FLOPs per image do not depend on the batch, so a fraction of peak that does not fall
         # means images/s per image that does not fall (at the peak of the moment).
-        falls = any(b < a * 0.95 for a, b in zip(fracs, fracs[1:]))
+        falls = any(b < a * 0.95 for a, b in itertools.pairwise(fracs))
         print(f"{name:8s} per-image rate over batches {args.batches}: "
               f"{'falls' if falls else 'holds (within 5%)'}", flush=True)
 

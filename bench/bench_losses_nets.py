@@ -14,11 +14,10 @@ import argparse
 
 import jax
 import jax.numpy as jnp
+from common import measure  # bench/common.py
 
 from ifadit_jax.nets import lpips as lp
 from ifadit_jax.nets import mobilefacenet as mfn
-
-from common import measure  # bench/common.py
 
 VGG_REAL = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 VGG_FIXTURE = tuple(c // 8 for c in VGG_REAL)
@@ -29,7 +28,7 @@ def bench_mobilefacenet(batch: int, size: int, iters: int, grad: bool) -> None:
     module = mfn.MobileFaceNet(136)
     images = jax.random.uniform(jax.random.key(1), (batch, size, size, 3), minval=-1, maxval=1)
     variables = module.init(jax.random.key(0), jnp.zeros((1, 112, 112, 3)))
-    landmarks = lambda v, x: module.apply(v, mfn.preprocess(x))  # noqa: E731
+    landmarks = lambda v, x: module.apply(v, mfn.preprocess(x))
     runs = {"forward": jax.jit(landmarks)}
     if grad:
         runs["grad"] = jax.jit(jax.grad(lambda v, x: landmarks(v, x).sum(), argnums=1))

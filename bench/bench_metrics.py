@@ -16,11 +16,10 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import measure, random_variables  # bench/common.py
 
 from ifadit_jax import metrics
 from ifadit_jax.nets import adaface, inception
-
-from common import measure, random_variables  # bench/common.py
 
 ADAFACE = {"fixture": (16, 32, 48, 64), "official": (64, 128, 256, 512)}
 INCEPTION = {"fixture": {k: tuple(c // 4 for c in v) for k, v in inception.OFFICIAL_WIDTHS.items()},

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _crop_net_flops(net, fn, crops) -> float:
     """Cost-analysis FLOPs of `net._batched(fn, crops)`: one call per padded chunk."""
     from common import flops
+
     from ifadit_jax.nets import mtcnn
 
     total = 0.0
@@ -75,7 +76,7 @@ def main() -> None:
     h, w = image.shape[:2]
     integral = mtcnn.integral_image(image)
     sizes = mtcnn.pyramid_sizes(h, w, mtcnn.pyramid_scales(h, w))
-    one = lambda v: np.array([v])  # noqa: E731
+    one = lambda v: np.array([v])
     t0 = time.perf_counter()
     for _ in range(args.iters):
         pending = [net._pnet_start(mtcnn.normalize(

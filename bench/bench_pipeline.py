@@ -22,10 +22,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ifadit_jax import flow as flow_lib  # noqa: E402
-from ifadit_jax import pipeline, random_nets  # noqa: E402
+from common import flops, time_against_peak
 
-from common import flops, time_against_peak  # noqa: E402  (bench/common.py)
+from ifadit_jax import flow as flow_lib
+from ifadit_jax import pipeline, random_nets
 
 
 def stage_line(name: str, batch: int, fn, args, repeats: int) -> float:
@@ -66,7 +66,7 @@ def bench(name: str, configs: dict, batch: int, repeats: int, precision: str) ->
     }
     for stage, (fn, args) in stages.items():
         stage_line(stage, batch, fn, args, repeats)
-    both = lambda n, x, k: pipeline.recover(n, pipeline.anonymize(n, x, k)[0], k)[0]  # noqa: E731
+    both = lambda n, x, k: pipeline.recover(n, pipeline.anonymize(n, x, k)[0], k)[0]
     t = stage_line("anonymize+recover", batch, both, (nets, x, k), repeats)
     print(f"  anonymize+recover: {batch / t:.3f} images/s at batch {batch}", flush=True)
 

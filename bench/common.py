@@ -9,6 +9,7 @@ the same process mostly cancels them out.
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -88,7 +89,7 @@ def report(name: str, batch: int, compile_s: float, step_s: float, flop: float =
     `peak_flops` (measured just before), GFLOP/s and its fraction of the peak."""
     line = (f"{name:46s} {batch / step_s:9.2f} {unit}/s   ({step_s * 1e3:8.1f} ms/batch, "
             f"compile {compile_s:5.1f} s)")
-    if flop == flop:  # not NaN
+    if not math.isnan(flop):
         rate = flop / step_s
         line += f"  {flop / batch / 1e9:6.3f} GFLOP each  {rate / 1e9:6.1f} GFLOP/s"
         if peak_flops:

@@ -145,7 +145,7 @@ def _conv3x3_same(x, w):
     """3x3 'same' convolution. Below 32x32 pixels it is nine shifted matmuls: XLA's CPU
     convolution leaves most of the cores' time unused on such small images (the weights dominate
     the memory traffic), while a matmul per tap streams them at full rate."""
-    b, h, wd, _ = x.shape
+    _, h, wd, _ = x.shape
     if h * wd >= 32 * 32:
         return _conv(x, w, ((1, 1), (1, 1)))
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
