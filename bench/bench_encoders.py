@@ -1,6 +1,7 @@
 """Throughput of E_ID (ArcFace IR-SE50) and E_Attr (pSp GradualStyleEncoder), random weights.
 
-Prints images/s at batch 4 (default) for: ArcFace on 112x112 crops, ArcFace's 256x256 identity
+Prints images/s, cost-analysis FLOPs and the fraction of the machine's measured peak
+(bench/common.py) at batch 4 (default) for: ArcFace on 112x112 crops, ArcFace's 256x256 identity
 path (crop + adaptive pool + network), and the pSp encoder on 256x256 images; each at the test
 fixtures' reduced widths and at the official widths. Weights are random (drawn from the shapes,
 no checkpoint needed): speed does not depend on their values.
@@ -15,10 +16,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import measure, random_variables  # bench/common.py
 
 from ifadit_jax.nets import arcface, psp
-
-from common import random_variables, report, time_it  # bench/common.py
 
 ARCFACE = {"fixture": (16, 24, 28, 32), "official": (64, 128, 256, 512)}
 # (stage widths, style conv width, w_dim); 14 styles at 256 px.
@@ -39,16 +39,14 @@ def main():
     for which in [args.only] if args.only else ["fixture", "official"]:
         net = arcface.ArcFace(widths=ARCFACE[which])
         v = random_variables(net, x112)
-        report(f"ArcFace IR-SE50 112px ({which} widths)", b,
-               *time_it(jax.jit(net.apply), args.iters, v, x112))
+        measure(f"ArcFace IR-SE50 112px ({which} widths)", net.apply, b, args.iters, v, x112)
         identity = jax.jit(lambda v, x, net=net: net.apply(v, x, method="identity"))
-        report(f"ArcFace identity path 256px ({which} widths)", b,
-               *time_it(identity, args.iters, v, x256))
+        measure(f"ArcFace identity path 256px ({which} widths)", identity, b, args.iters, v, x256)
         widths, style_width, w_dim = PSP[which]
         enc = psp.GradualStyleEncoder(widths=widths, style_width=style_width, w_dim=w_dim, n_styles=14)
         v = random_variables(enc, x256)
-        report(f"pSp encoder 256px -> 14x{w_dim} ({which} widths)", b,
-               *time_it(jax.jit(enc.apply), args.iters, v, x256))
+        measure(f"pSp encoder 256px -> 14x{w_dim} ({which} widths)", enc.apply, b, args.iters,
+                v, x256)
 
 
 if __name__ == "__main__":

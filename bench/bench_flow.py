@@ -2,7 +2,8 @@
 
 Prints forward+inverse round trips (vectors/s) of both SIF variants at the official sizes
 (512-d, 4 blocks, subnet widths 256-128-128-256) with random weights, one key per batch (as the
-official test.py) and one key per vector, and the Argon2id cost per key derivation.
+official test.py) and one key per vector, and the Argon2id cost per key derivation. Flow lines
+give the cost-analysis FLOP/s as a fraction of the machine's measured peak (bench/common.py).
 
   python bench/bench_flow.py [--batches 1,64,4096] [--repeats N] [--kdf-repeats N]
 """
@@ -16,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+from common import flops, peak  # bench/common.py
 
 from ifadit_jax import flow, keys
 
@@ -33,6 +35,8 @@ def bench_flow(variant: str, batch: int, per_vector_keys: bool, repeats: int) ->
     t0 = time.perf_counter()
     compiled = _round_trip.lower(params, z, k).compile()
     compile_s = time.perf_counter() - t0
+    flop = flops(_round_trip, params, z, k)
+    p = peak()
     compiled(params, z, k).block_until_ready()
     n = max(1, min(repeats, int(2e5 // batch)))
     times = []
@@ -43,7 +47,8 @@ def bench_flow(variant: str, batch: int, per_vector_keys: bool, repeats: int) ->
     t = float(np.median(times))
     keys_txt = "key per vector" if per_vector_keys else "one key      "
     print(f"{variant:8s} batch {batch:5d}, {keys_txt}: {batch / t:10.0f} vectors/s forward+inverse "
-          f"({t * 1e3:8.3f} ms/batch, compile {compile_s:4.1f} s)")
+          f"({t * 1e3:8.3f} ms/batch, compile {compile_s:4.1f} s; {flop / t / 1e9:7.2f} GFLOP/s = "
+          f"{flop / t / p:6.2%} of peak {p / 1e9:.0f} GFLOP/s)")
 
 
 def bench_kdf(repeats: int) -> None:

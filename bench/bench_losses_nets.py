@@ -2,7 +2,8 @@
 
 Random weights (module.init): speed does not depend on the values. LPIPS runs at the fixture
 widths (alex is full width there; vgg is width/8) and at the real widths; `--grad` also times
-the gradient with respect to the first image, as in training.
+the gradient with respect to the first image, as in training. Each line gives the cost-analysis
+FLOPs and the fraction of the machine's measured peak (bench/common.py).
 
 Usage: python bench/bench_losses_nets.py [--batch 4] [--size 256] [--iters 10] [--grad]
 """
@@ -10,11 +11,10 @@ Usage: python bench/bench_losses_nets.py [--batch 4] [--size 256] [--iters 10] [
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from common import measure  # bench/common.py
 
 from ifadit_jax.nets import lpips as lp
 from ifadit_jax.nets import mobilefacenet as mfn
@@ -24,29 +24,16 @@ VGG_FIXTURE = tuple(c // 8 for c in VGG_REAL)
 ALEX = (64, 192, 384, 256, 256)
 
 
-def _time(fn, args, iters: int) -> float:
-    """Median seconds per call after one compiling call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench_mobilefacenet(batch: int, size: int, iters: int, grad: bool) -> None:
     module = mfn.MobileFaceNet(136)
     images = jax.random.uniform(jax.random.key(1), (batch, size, size, 3), minval=-1, maxval=1)
     variables = module.init(jax.random.key(0), jnp.zeros((1, 112, 112, 3)))
-    landmarks = lambda v, x: module.apply(v, mfn.preprocess(x))  # noqa: E731
+    landmarks = lambda v, x: module.apply(v, mfn.preprocess(x))
     runs = {"forward": jax.jit(landmarks)}
     if grad:
         runs["grad"] = jax.jit(jax.grad(lambda v, x: landmarks(v, x).sum(), argnums=1))
     for what, fn in runs.items():
-        s = _time(fn, (variables, images), iters)
-        print(f"{'mobilefacenet':18s} {what:8s} {size}->112 {batch / s:8.1f} images/s "
-              f"({s * 1e3:.1f} ms/batch)")
+        measure(f"mobilefacenet {what} {size}->112", fn, batch, iters, variables, images)
 
 
 def bench_lpips(name: str, net: str, widths, batch: int, size: int, iters: int, grad: bool) -> None:
@@ -58,9 +45,8 @@ def bench_lpips(name: str, net: str, widths, batch: int, size: int, iters: int, 
     if grad:
         runs["grad"] = jax.jit(jax.grad(lambda v, a, b: module.apply(v, a, b).sum(), argnums=1))
     for what, fn in runs.items():
-        s = _time(fn, (variables, a, b), iters)
-        print(f"{'lpips-' + name:18s} {what:8s} {size}x{size} {batch / s:8.1f} pairs/s  "
-              f"({s * 1e3:.1f} ms/batch)")
+        measure(f"lpips-{name} {what} {size}x{size}", fn, batch, iters, variables, a, b,
+                unit="pairs")
 
 
 def main() -> None:

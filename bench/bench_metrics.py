@@ -1,6 +1,7 @@
 """Throughput of the evaluation networks: AdaFace IR-50 and the FID InceptionV3, random weights.
 
-Prints images/s at batch 16 (default) for AdaFace on 112x112 face crops and for the FID Inception
+Prints images/s, FLOPs and the fraction of the measured peak (bench/common.py) at batch 16
+(default) for AdaFace on 112x112 face crops and for the FID Inception
 on 256x256 images (resized to 299 inside, as pytorch-fid does), each at the test fixtures' reduced
 widths and at the official widths, plus SSIM/PSNR on 256x256 image pairs. Weights are random
 (drawn from the shapes, no checkpoint needed): speed does not depend on their values.
@@ -15,11 +16,10 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import measure, random_variables  # bench/common.py
 
 from ifadit_jax import metrics
 from ifadit_jax.nets import adaface, inception
-
-from common import random_variables, report, time_it  # bench/common.py
 
 ADAFACE = {"fixture": (16, 32, 48, 64), "official": (64, 128, 256, 512)}
 INCEPTION = {"fixture": {k: tuple(c // 4 for c in v) for k, v in inception.OFFICIAL_WIDTHS.items()},
@@ -40,13 +40,13 @@ def main():
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), batch {b}")
     for which in [args.only] if args.only else ["fixture", "official"]:
         net = adaface.AdaFace(widths=ADAFACE[which])
-        report(f"AdaFace IR-50 112px ({which} widths)", b,
-               *time_it(jax.jit(net.apply), args.iters, random_variables(net, faces), faces))
+        measure(f"AdaFace IR-50 112px ({which} widths)", net.apply, b, args.iters,
+                random_variables(net, faces), faces)
         net = inception.FIDInceptionV3(**INCEPTION[which])
-        report(f"FID Inception 256px -> pool3 ({which} widths)", b,
-               *time_it(jax.jit(net.apply), args.iters, random_variables(net, images), images))
-    report("SSIM 256px", b, *time_it(metrics.ssim, args.iters, images, others))
-    report("PSNR 256px", b, *time_it(metrics.psnr, args.iters, images, others))
+        measure(f"FID Inception 256px -> pool3 ({which} widths)", net.apply, b, args.iters,
+                random_variables(net, images), images)
+    measure("SSIM 256px", metrics.ssim, b, args.iters, images, others)
+    measure("PSNR 256px", metrics.psnr, b, args.iters, images, others)
 
 
 if __name__ == "__main__":

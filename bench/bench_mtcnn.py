@@ -17,7 +17,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _crop_net_flops(net, fn, crops) -> float:
+    """Cost-analysis FLOPs of `net._batched(fn, crops)`: one call per padded chunk."""
+    from common import flops
+
+    from ifadit_jax.nets import mtcnn
+
+    total = 0.0
+    for start in range(0, len(crops), mtcnn._MAX_BATCH):
+        n = mtcnn._batch_bucket(len(crops[start:start + mtcnn._MAX_BATCH]))
+        total += flops(fn, net.variables, np.zeros((n, *crops.shape[1:]), np.float32))
+    return total
 
 
 def main() -> None:
@@ -61,7 +76,7 @@ def main() -> None:
     h, w = image.shape[:2]
     integral = mtcnn.integral_image(image)
     sizes = mtcnn.pyramid_sizes(h, w, mtcnn.pyramid_scales(h, w))
-    one = lambda v: np.array([v])  # noqa: E731
+    one = lambda v: np.array([v])
     t0 = time.perf_counter()
     for _ in range(args.iters):
         pending = [net._pnet_start(mtcnn.normalize(
@@ -81,8 +96,16 @@ def main() -> None:
         net._batched(net._onet, crops48)
     onet_t = (time.perf_counter() - t0) / args.iters
 
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import peak
+
+    p = peak()
+    net_flop = _crop_net_flops(net, net._rnet, crops24) + _crop_net_flops(net, net._onet, crops48)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-          f"{os.cpu_count()} CPU cores visible")
+          f"{os.cpu_count()} CPU cores visible; measured peak {p / 1e9:.0f} GFLOP/s")
+    # PNet runs on a dozen pyramid sizes with host work between them, so only RNet + ONet get a
+    # FLOP count; detection as a whole is bound by that host work, not by arithmetic.
+    print(f"RNet + ONet: {net_flop / (rnet_t + onet_t) / p:.1%} of peak")
     print(f"image 512x512, {len(boxes)} face(s); {len(sizes)} pyramid levels, "
           f"{len(d.rnet_reg)} RNet and {len(d.onet_reg)} ONet candidates")
     print(f"first call (compile + run): {first:.2f} s")

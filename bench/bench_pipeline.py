@@ -1,66 +1,88 @@
-"""Benchmark (not a test): anonymize + recover throughput, with milliseconds per stage.
+"""Benchmark (not a test): anonymize + recover throughput, and per stage its FLOPs (XLA's cost
+analysis), time, FLOP/s and fraction of the machine's peak measured just before it.
 
 Random weights at the fixtures' small widths and at the official full widths; CPU or whatever
-JAX runs on. Stages are timed as separately jitted pure functions of the same `Nets`.
+JAX runs on. Stages are timed as separately jitted pure functions of the same `Nets`; the peak
+(a 4096^3 float32 matmul) is re-measured right before every timed call and each figure is the
+call of median fraction (bench/common.py `time_against_peak`), so a neighbour's load on a shared
+machine lowers both and mostly cancels out of the fraction.
 
-  python bench/bench_pipeline.py [--widths small,real] [--batches 1,8] [--repeats 3]
+  python bench/bench_pipeline.py [--widths small,real] [--batches 1,4] [--repeats 3]
+                                 [--precision float32|bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import flops, time_against_peak
+
+from ifadit_jax import flow as flow_lib
 from ifadit_jax import pipeline, random_nets
 
 
-def timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def stage_line(name: str, batch: int, fn, args, repeats: int) -> float:
+    """Times one stage and prints its line; returns seconds per batch."""
+    fn = jax.jit(fn)
+    flop = flops(fn, *args)
+    t, p = time_against_peak(fn, repeats, *args)
+    rate = flop / t
+    print(f"  {name:18s} {flop / batch / 1e9:7.2f} GFLOP/image {t * 1e3:9.1f} ms/batch "
+          f"{rate / 1e9:7.1f} GFLOP/s  {rate / p:6.1%} of peak ({p / 1e9:.0f} GFLOP/s)", flush=True)
+    return t
 
 
-def bench(name: str, configs: dict, batch: int, repeats: int) -> None:
+def _flow_forward(nets, z, k):
+    if hasattr(nets, "apply"):  # Nets keyed by role: the flow is one of them
+        return nets.apply("flow", z, k)
+    return flow_lib.sif_forward(nets.flow, z, k)
+
+
+def bench(name: str, configs: dict, batch: int, repeats: int, precision: str) -> None:
     pipe = random_nets.random_pipeline(0, configs=configs)
     nets = pipe.nets
+    if precision != "float32":
+        if not hasattr(nets, "with_precision"):
+            raise SystemExit(f"error: this checkout's pipeline has no {precision} mode")
+        nets = nets.with_precision(precision)
     x = jax.random.uniform(jax.random.key(1), (batch, 256, 256, 3))
     k = pipe.key_from_vector(jnp.full((1, 512), 0.75))[0]
     z = pipeline.identity(nets, x)
     attr = pipeline.attributes(nets, x)
+    print(f"{name} widths, batch {batch}, {precision} (fractions of the float32 peak):", flush=True)
     stages = {
-        "E_ID": (jax.jit(pipeline.identity), (nets, x)),
-        "E_Attr": (jax.jit(pipeline.attributes), (nets, x)),
-        "T": (jax.jit(lambda n, z, k: n.apply("flow", z, k)), (nets, z, k)),
-        "M+G": (jax.jit(pipeline.render), (nets, z, attr)),
-        "mask": (jax.jit(pipeline.face_mask), (nets, x)),
+        "E_ID": (pipeline.identity, (nets, x)),
+        "E_Attr": (pipeline.attributes, (nets, x)),
+        "T": (_flow_forward, (nets, z, k)),
+        "M+G": (pipeline.render, (nets, z, attr)),
+        "parser (mask)": (pipeline.face_mask, (nets, x)),
     }
-    ms = {s: 1e3 * timed(fn, *args, repeats=repeats) for s, (fn, args) in stages.items()}
-    both = jax.jit(lambda n, x, k: pipeline.recover(n, pipeline.anonymize(n, x, k)[0], k)[0])
-    t = timed(both, nets, x, k, repeats=repeats)
-    per_stage = ", ".join(f"{s} {v:.0f}" for s, v in ms.items())
-    print(f"{name:5s} batch {batch}: {batch / t:7.3f} images/s anonymize+recover "
-          f"({t * 1e3:.0f} ms/batch; per pass, ms/batch: {per_stage})")
+    for stage, (fn, args) in stages.items():
+        stage_line(stage, batch, fn, args, repeats)
+    both = lambda n, x, k: pipeline.recover(n, pipeline.anonymize(n, x, k)[0], k)[0]
+    t = stage_line("anonymize+recover", batch, both, (nets, x, k), repeats)
+    print(f"  anonymize+recover: {batch / t:.3f} images/s at batch {batch}", flush=True)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--widths", default="small,real")
-    p.add_argument("--batches", default="1,8")
+    p.add_argument("--batches", default="1,4")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args()
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind})")
     configs = {"small": random_nets.SMALL_CONFIGS, "real": random_nets.REAL_CONFIGS}
     for name in args.widths.split(","):
         for b in (int(v) for v in args.batches.split(",")):
-            bench(name, configs[name], b, args.repeats)
+            bench(name, configs[name], b, args.repeats, args.precision)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ifadit_jax import train  # noqa: E402
+from ifadit_jax import train
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from common import flops, peak
 
 
 def config(phase: int, widths: str, batch: int, data: str, precision: str):
@@ -63,6 +66,12 @@ def bench(phase: int, widths: str, batch: int, steps: int, precision: str, tmp: 
     ctx = (jax.default_matmul_precision(precision) if precision != "default"
            else contextlib.nullcontext())
     with ctx:
+        step_args = (run.state, run.frozen, run.loss_nets, batches[0])
+        try:  # summed over devices by pmap's cost analysis
+            flop = flops(run.p_step, *step_args)
+        except (RuntimeError, NotImplementedError, AttributeError):  # no cost analysis here
+            flop = float("nan")
+        p_flops = peak()
         t0 = time.perf_counter()
         run.state, metrics, _ = run.p_step(run.state, run.frozen, run.loss_nets, batches[0])
         jax.block_until_ready(metrics)
@@ -76,6 +85,7 @@ def bench(phase: int, widths: str, batch: int, steps: int, precision: str, tmp: 
     loss = float(np.asarray(metrics["loss"])[0])
     return {"phase": phase, "widths": widths, "batch": batch, "first_s": first,
             "steps_per_s": steps / elapsed, "images_per_s": steps * batch / elapsed,
+            "of_peak": flop * steps / elapsed / p_flops,
             "loss_finite": bool(np.isfinite(loss))}
 
 
@@ -93,14 +103,16 @@ def main() -> None:
     devices = jax.local_devices()
     print(f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
           f"precision {args.precision}, batch {args.batch}")
-    print(f"{'phase':>5} {'widths':>6} {'batch':>5} {'first step s':>12} {'steps/s':>8} {'images/s':>9}")
+    print(f"{'phase':>5} {'widths':>6} {'batch':>5} {'first step s':>12} {'steps/s':>8} {'images/s':>9} "
+          f"{'of peak':>8}  (peak: a float32 4096^3 matmul just before)")
     with tempfile.TemporaryDirectory() as tmp:
         for widths in args.widths.split(","):
             for phase in (int(x) for x in args.phases.split(",")):
                 r = bench(phase, widths, args.batch, args.steps, args.precision, tmp)
                 flag = "" if r["loss_finite"] else "  (non-finite loss)"
                 print(f"{r['phase']:>5} {r['widths']:>6} {r['batch']:>5} {r['first_s']:>12.1f} "
-                      f"{r['steps_per_s']:>8.3f} {r['images_per_s']:>9.2f}{flag}", flush=True)
+                      f"{r['steps_per_s']:>8.3f} {r['images_per_s']:>9.2f} {r['of_peak']:>8.1%}{flag}",
+                      flush=True)
 
 
 if __name__ == "__main__":

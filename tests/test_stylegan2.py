@@ -185,6 +185,18 @@ def test_modulated_conv_matches_per_sample_weights(up, demodulate):
     np.testing.assert_allclose(got, _modconv_np(x, weight, style, demodulate, up), atol=1e-4)
 
 
+def test_modulated_conv_large_input_takes_the_convolution_path():
+    """3x3 layers switch from nine matmuls to XLA's convolution at 32x32 pixels; both agree with
+    the per-sample reference (the small inputs above cover the matmul path)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 32, 33, 3)).astype(np.float32)
+    weight = rng.standard_normal((3, 3, 3, 2)).astype(np.float32)
+    style = rng.standard_normal((1, 3)).astype(np.float32)
+    got = stylegan2.modulated_conv(jnp.asarray(x), jnp.asarray(weight), jnp.asarray(style),
+                                   demodulate=True, up=False)
+    np.testing.assert_allclose(got, _modconv_np(x, weight, style, True, False), atol=1e-4)
+
+
 # ---- bad input: one line, non-zero exit, nothing written ----
 
 @pytest.mark.parametrize("case", ["text", "other_network", "truncated", "no_dir", "missing"])

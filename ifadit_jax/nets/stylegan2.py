@@ -106,21 +106,34 @@ def blur_kernel(gain: float = 1.0) -> np.ndarray:
     return (k / k.sum() * gain).astype(np.float32)
 
 
-def _depthwise(x, kernel, padding, lhs_dilation=(1, 1)):
-    """Same 2-D FIR filter on every channel of NHWC `x` (the kernel is symmetric, so the
-    convolution/correlation flip of the official upfirdn2d does not matter)."""
-    c = x.shape[-1]
-    k = jnp.asarray(kernel, x.dtype)[:, :, None, None]
-    k = jnp.broadcast_to(k, k.shape[:2] + (1, c))
-    return jax.lax.conv_general_dilated(
-        x, k, window_strides=(1, 1), padding=padding, lhs_dilation=lhs_dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+def _interleave(even, odd, axis: int):
+    """[..., n, ...] pairs -> [..., 2n, ...] with `even` at 0, 2, 4, ... along `axis`."""
+    y = jnp.stack([even, odd], axis=axis + 1)
+    return y.reshape(even.shape[:axis] + (2 * even.shape[axis],) + even.shape[axis + 1:])
+
+
+def _shift(x, axis: int, offset: int):
+    """x[m + offset] along `axis`, zero outside (offset -1 or +1)."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (1, 0) if offset < 0 else (0, 1)
+    idx = [slice(None)] * x.ndim
+    idx[axis] = slice(0, x.shape[axis]) if offset < 0 else slice(1, None)
+    return jnp.pad(x, pad)[tuple(idx)]
 
 
 def upsample2x(x):
-    """upfirdn2d(x, blur*4, up=2, pad=(2,1)): zero insertion, then the blur filter."""
-    # Zero insertion leaves one trailing zero row/column; lhs_dilation does not, so pad one more.
-    return _depthwise(x, blur_kernel(4.0), ((2, 2), (2, 2)), lhs_dilation=(2, 2))
+    """upfirdn2d(x, blur*4, up=2, pad=(2,1)) on NHWC `x`: [B,H,W,C] -> [B,2H,2W,C].
+
+    Zero insertion followed by the separable [1,3,3,1] filter leaves two taps per output: along
+    each axis, out[2m] = x[m-1]/4 + 3x[m]/4 and out[2m+1] = 3x[m]/4 + x[m+1]/4. Computed that
+    way it is a few fused elementwise passes instead of a depthwise convolution over a 4x larger,
+    mostly zero input (which XLA's CPU backend runs slowly).
+    """
+    for axis in (1, 2):
+        even = 0.25 * _shift(x, axis, -1) + 0.75 * x
+        odd = 0.75 * x + 0.25 * _shift(x, axis, 1)
+        x = _interleave(even, odd, axis)
+    return x
 
 
 def _conv(x, kernel, padding):
@@ -128,34 +141,68 @@ def _conv(x, kernel, padding):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _transposed_conv_stride2(x, w):
-    """conv_transpose2d(x, w, stride=2, padding=0) for a 3x3 kernel, plus one trailing zero row
-    and column: [B,H,W,I] -> [B,2H+2,2W+2,O].
+def _conv3x3_same(x, w):
+    """3x3 'same' convolution. Below 32x32 pixels it is nine shifted matmuls: XLA's CPU
+    convolution leaves most of the cores' time unused on such small images (the weights dominate
+    the memory traffic), while a matmul per tap streams them at full rate."""
+    _, h, wd, _ = x.shape
+    if h * wd >= 32 * 32:
+        return _conv(x, w, ((1, 1), (1, 1)))
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = 0.0
+    for i in range(3):
+        for j in range(3):
+            y = y + jnp.einsum("bhwc,co->bhwo", xp[:, i:i + h, j:j + wd], w[i, j])
+    return y
+
+
+def _transposed_conv_phases(x, w):
+    """conv_transpose2d(x, w, stride=2, padding=0) of NHWC `x` [B,H,W,I] with a 3x3 `w`, as its
+    four output parity classes (the full output y [B,2H+1,2W+1,O] has y[2m, 2n] = ee[m, n],
+    y[2m, 2n+1] = eo[m, n], y[2m+1, 2n] = oe[m, n], y[2m+1, 2n+1] = oo[m, n]):
+    ee [B,H+1,W+1,O], eo [B,H+1,W,O], oe [B,H,W+1,O], oo [B,H,W,O].
 
     Output 2m+1 along an axis receives only x[m]*w[1]; output 2m receives x[m-1]*w[2] + x[m]*w[0].
-    Computing the four parity classes as four small convolutions of the low-resolution input
-    does the 9 taps of real work per input pixel, where a dilated-input convolution would also
-    multiply the inserted zeros (4x the work).
+    Four small convolutions of the low-resolution input do the 9 taps of real work per input
+    pixel, where a dilated-input convolution would also multiply the inserted zeros (4x the work).
+    Each takes its zero border as the convolution's own padding: padded or sliced copies of the
+    input would be materialized, and at batch 4 those copies cost as much time as the arithmetic.
     """
     if w.shape[:2] != (3, 3):
         raise ValueError("the upsampling modulated conv is implemented for 3x3 kernels")
-    b, h, wd, _ = x.shape
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    w = jnp.asarray(w)
-    even = np.array([2, 0])  # window (x[m-1], x[m]) -> taps (w[2], w[0])
+    even, odd = np.array([2, 0]), np.array([1])  # window (x[m-1], x[m]) -> taps (w[2], w[0])
+    ee = _conv(x, w[even][:, even], ((1, 1), (1, 1)))
+    eo = _conv(x, w[even][:, odd], ((1, 1), (0, 0)))
+    oe = _conv(x, w[odd][:, even], ((0, 0), (1, 1)))
+    oo = _conv(x, w[odd][:, odd], ((0, 0), (0, 0)))
+    return ee, eo, oe, oo
 
-    def phase(rows_even, cols_even):
-        inp = xp if rows_even else xp[:, 1:-1]
-        inp = inp if cols_even else inp[:, :, 1:-1]
-        kern = w[even] if rows_even else w[1:2]
-        kern = kern[:, even] if cols_even else kern[:, 1:2]
-        y = _conv(inp, kern, "VALID")
-        # Every phase onto the (H+1) x (W+1) grid; the padding is the trailing zero.
-        return jnp.pad(y, ((0, 0), (0, 0 if rows_even else 1), (0, 0 if cols_even else 1), (0, 0)))
 
-    grid = jnp.stack([jnp.stack([phase(r, c) for c in (True, False)], axis=3)
-                      for r in (True, False)], axis=2)  # [B, H+1, 2, W+1, 2, O]
-    return grid.reshape(b, 2 * h + 2, 2 * wd + 2, w.shape[-1])
+_UP_TAPS = tuple(t / 4.0 for t in _BLUR_TAPS)  # the gain-4 blur is (gain 2 per axis) x (gain 2)
+
+
+def _blur_phases(even, odd, axis: int):
+    """The [1,3,3,1] blur (gain 2, padding (1,0)) along `axis` of a signal given by its parity
+    classes (even: n+1 samples, odd: n), again as parity classes (n each) of the 2n outputs:
+    out[2m] = t0 y[2m-1] + t1 y[2m] + t2 y[2m+1] + t3 y[2m+2], out[2m+1] likewise one further.
+    Working on the classes keeps the blur a fused elementwise pass at low resolution."""
+    t0, t1, t2, t3 = _UP_TAPS
+    n = odd.shape[axis]
+    e0 = jax.lax.slice_in_dim(even, 0, n, axis=axis)
+    e1 = jax.lax.slice_in_dim(even, 1, n + 1, axis=axis)
+    out_even = t0 * _shift(odd, axis, -1) + t1 * e0 + t2 * odd + t3 * e1
+    out_odd = t0 * e0 + t1 * odd + t2 * e1 + t3 * _shift(odd, axis, 1)
+    return out_even, out_odd
+
+
+def _upsample_conv(x, w):
+    """The official up-sampling modulated conv's spatial part: conv_transpose2d(stride 2) with a
+    3x3 kernel, then the [1,3,3,1] blur (gain 4, padding 1): [B,H,W,I] -> [B,2H,2W,O]."""
+    ee, eo, oe, oo = _transposed_conv_phases(x, w)
+    col_even = _blur_phases(ee, oe, 1)  # rows first: (even rows, odd rows) of even columns
+    col_odd = _blur_phases(eo, oo, 1)
+    rows = [_interleave(*_blur_phases(ce, co, 2), 2) for ce, co in zip(col_even, col_odd)]
+    return _interleave(rows[0], rows[1], 1)
 
 
 def modulated_conv(x, weight, style, *, demodulate: bool, up: bool):
@@ -167,11 +214,13 @@ def modulated_conv(x, weight, style, *, demodulate: bool, up: bool):
     """
     k = weight.shape[0]
     y_in = x * style[:, None, None, :].astype(x.dtype)
+    w = jnp.asarray(weight, x.dtype)
     if up:
-        y = _transposed_conv_stride2(y_in, jnp.asarray(weight, x.dtype))
-        y = _depthwise(y, blur_kernel(4.0), ((1, 0), (1, 0)))
+        y = _upsample_conv(y_in, w)
+    elif k == 3:
+        y = _conv3x3_same(y_in, w)
     else:
-        y = _conv(y_in, jnp.asarray(weight, x.dtype), ((k // 2, k // 2), (k // 2, k // 2)))
+        y = _conv(y_in, w, ((k // 2, k // 2), (k // 2, k // 2)))
     if demodulate:
         w2 = jnp.sum(jnp.square(as_float(weight)), axis=(0, 1))  # [I, O]
         d = jax.lax.rsqrt(jnp.square(as_float(style)) @ w2 + 1e-8)  # [B, O]
