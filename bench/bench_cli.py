@@ -67,7 +67,7 @@ def write_weights(out: str, widths: str) -> None:
     networks = {}
     for role, r in roles.ROLES.items():
         config = random_nets.role_config(role, configs, pipe.conventions)
-        variables = jax.tree.map(np.asarray, roles.file_variables(pipe.nets, role))
+        variables = pipe.nets.file_variables(role)
         networks[role] = (r.file, variables, weights.Meta(kind=r.kind, config=config))
     weights_folder.write(out, networks, pipe.conventions.name)
     subprocess.run([sys.executable, os.path.join(ROOT, "ports", "convert_mtcnn.py"),

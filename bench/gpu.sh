@@ -39,15 +39,11 @@ F32="env JAX_DEFAULT_MATMUL_PRECISION=float32"
 run 60 "G synthesis float32" $F32 "$PY" bench/bench_generator.py --widths real --batches 1,4,8
 run 40 "G synthesis bfloat16" "$PY" bench/bench_generator.py --widths real --batches 1,4,8 --precision bfloat16
 run 70 "pipeline float32" $F32 "$PY" bench/bench_pipeline.py --widths real --batches 1,4
-# The bfloat16 mode of the pipeline (Nets.with_precision) came from another branch; on a checkout
-# without it this line prints one error and the script goes on.
 run 50 "pipeline bfloat16" "$PY" bench/bench_pipeline.py --widths real --batches 1,4 --precision bfloat16
 run 40 "encoders float32" $F32 "$PY" bench/bench_encoders.py --only official
 run 40 "parser float32" $F32 "$PY" bench/bench_bisenet.py --widths real
-# MULTI-DEVICE: the command line's folder run, batches split over a mesh of every local device
-# (bench/bench_cli.py, from another branch: on a checkout without it this line fails and the
-# script goes on). A lent machine has one GPU, so this measures the end-to-end path on it; the
-# 2-device equivalence is a CPU test.
+# The command line's folder run, batches split over a mesh of every local device. A lent machine
+# has one GPU, so this measures the end-to-end path on it; the 2-device equivalence is a CPU test.
 run 70 "command line, folder over all devices" "$PY" bench/bench_cli.py --widths real --aligned 16 --photos 4
 run 75 "training bfloat16 batch 4" "$PY" bench/bench_train.py --widths real --batch 4 --steps 5 --precision bfloat16
 run 45 "training float32 batch 4, phase 1" "$PY" bench/bench_train.py --widths real --batch 4 --steps 3 --precision float32 --phases 1
