@@ -400,17 +400,8 @@ class Networks:
 
     def run(self, crops: np.ndarray, k, refine: bool):
         """[N, 256, 256, 3] in [0, 1] -> (outputs [N, 256, 256, 3], masks [N, ...] or None)."""
-        outs, masks = [], []
-        for start in range(0, len(crops), self.batch):
-            chunk = crops[start:start + self.batch]
-            n = len(chunk)
-            if n < self.batch:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, axis=0)])
-            out, mask = self._call(chunk, k, refine)
-            outs.append(out[:n])
-            if mask is not None:
-                masks.append(mask[:n])
-        return np.concatenate(outs), (np.concatenate(masks) if masks else None)
+        out, masks = video_lib.in_fixed_batches(lambda c: self._call(c, k, refine), crops, self.batch)
+        return out, masks
 
 
 @dataclasses.dataclass

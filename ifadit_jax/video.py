@@ -331,7 +331,7 @@ def pad_to(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)]) if len(x) < n else x
 
 
-def _padded(fn, crops: np.ndarray, batch: int, *extra):
+def in_fixed_batches(fn, crops: np.ndarray, batch: int, *extra):
     """Runs `fn(crops, *extra)` in fixed batches (one compiled shape) -> list of numpy outputs."""
     outs = []
     for start in range(0, len(crops), batch):
@@ -349,7 +349,7 @@ def face_crops(rgb: np.ndarray, transforms) -> np.ndarray:
 
 
 def identities(pipe, crops: np.ndarray, batch: int) -> np.ndarray:
-    return _padded(lambda x: _identity(pipe.nets, x), crops, batch)[0]
+    return in_fixed_batches(lambda x: _identity(pipe.nets, x), crops, batch)[0]
 
 
 def _embed_many(pipe, frames: list, transforms: list, batch: int) -> list:
@@ -391,7 +391,7 @@ def render_frames(pipe, frames: list, faces: list, refine: bool, batch: int) -> 
         crops = np.concatenate([face_crops(rgb, [a for a, _ in fs]) for rgb, fs in zip(frames, faces) if fs])
     z = np.stack([np.asarray(z, np.float32) for fs in faces for _, z in fs])
     with _stage("networks"):
-        out, masks = _padded(lambda c, zz: render_faces(pipe.nets, c, zz, refine), crops, batch, z)
+        out, masks = in_fixed_batches(lambda c, zz: render_faces(pipe.nets, c, zz, refine), crops, batch, z)
     with _stage("paste"):
         results, j = list(frames), 0
         for i, fs in enumerate(faces):
