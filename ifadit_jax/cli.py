@@ -109,14 +109,17 @@ def setup(args) -> None:
         except RuntimeError:
             raise IfaditError("--device gpu: no GPU is available to JAX (install jax[cuda12], "
                               "or use --device cpu)") from None
-    if not args.no_compile_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    if args.no_compile_cache:  # also when JAX_COMPILATION_CACHE_DIR names one
+        jax.config.update("jax_enable_compilation_cache", False)
+    elif not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         path = cache_dir()
         try:
             os.makedirs(path, exist_ok=True)
         except OSError:
-            return  # an unwritable cache only costs time
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+            pass  # an unwritable cache only costs time
+        else:
+            jax.config.update("jax_compilation_cache_dir", path)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if args.verbose:
         print(f"devices: {', '.join(str(d) for d in jax.devices())}", file=sys.stderr)
 

@@ -9,12 +9,22 @@ import pytest
 
 from tests.helpers import small_weights_folder
 
-# Compiled XLA programs are reused across test workers and runs.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("JAX_COMPILATION_CACHE_DIR",
-                                 os.path.join(tempfile.gettempdir(), "ifadit-jax-jit-cache")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# The suite compiles far more than it computes (tiny widths, hundreds of programs): LLVM at -O0
+# cuts a training step's compile by about a third, and XLA's own HLO passes (the semantics)
+# are unchanged. Set before any backend starts; subprocesses inherit it (tests.helpers.xla_env).
+os.environ["XLA_FLAGS"] = " ".join(
+    f for f in (os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0") if f)
+
+# Compiled XLA programs are reused across test workers, the CLI subprocesses the tests start (they
+# inherit the environment) and runs. Small programs too: the CLI subprocesses compile the same
+# hundreds of small ones (MTCNN's stages, preprocessing) that JAX's 0.5 s default would not keep.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "ifadit-jax-jit-cache"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 # Parity is checked in float32; on GPU the default matmul precision would be TF32.
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "float32"
 jax.config.update("jax_default_matmul_precision", "float32")
 
 

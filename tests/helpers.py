@@ -31,6 +31,12 @@ def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
     return np.transpose(x, (0, 2, 3, 1))
 
 
+def xla_env(devices: int) -> dict[str, str]:
+    """XLA_FLAGS for a subprocess with `devices` fake CPU devices, keeping the suite's flags."""
+    return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                         f"--xla_force_host_platform_device_count={devices}".strip()}
+
+
 def run_cli(*args: str, check: bool = True, env: dict | None = None,
             input: str | None = None) -> subprocess.CompletedProcess:
     """Runs `python ARGS...` from the repository root, as a user would."""

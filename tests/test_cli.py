@@ -42,6 +42,14 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert cli.cache_dir() == str(tmp_path / "mine")
 
 
+def test_no_compile_cache_wins_over_the_environment():
+    code = ("import argparse, jax\nfrom ifadit_jax import cli\np = argparse.ArgumentParser()\n"
+            "cli.add_common_arguments(p)\ncli.setup(p.parse_args(['--no-compile-cache']))\n"
+            "print(jax.config.jax_enable_compilation_cache)\n")
+    proc = run_cli("-c", code, env={"JAX_COMPILATION_CACHE_DIR": "/nonexistent/cache"})
+    assert proc.stdout.split() == ["False"]
+
+
 def test_common_flags_parse():
     p = argparse.ArgumentParser()
     cli.add_common_arguments(p)

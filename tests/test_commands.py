@@ -13,12 +13,11 @@ from PIL import Image
 
 from ifadit_jax import commands, imageio, keys, sidecar
 from ifadit_jax.errors import InputError, NoFaceError, SecretError, WeightsError
-from tests.helpers import ROOT, fixture, run_cli
+from tests.helpers import ROOT, fixture, run_cli, xla_env
 
 SECRET = "tr0ub4dor&3-unique-marker"
 # Fast KDF for tests: Argon2id's minimum useful cost; the CLI default is >= 50 ms.
 FAST_KDF = ["--kdf-memory-kib", "64", "--kdf-iterations", "1"]
-CLI_ENV = {"IFADIT_JAX_CACHE_DIR": os.path.join("/tmp", "ifadit-jax-jit-cache")}
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +323,7 @@ def test_cli_one_line_exit_codes_and_no_secret_anywhere(tmp_path, release_weight
     src = aligned_face(tmp_path / "face.png")
     out = tmp_path / "out" / "anon.jpg"
     out.parent.mkdir()
-    env = {"IFADIT_SECRET": SECRET, **CLI_ENV}
+    env = {"IFADIT_SECRET": SECRET}
     proc = run_cli("-m", "ifadit_jax.anonymize", str(src), str(out), "--weights", str(release_weights),
                    "--aligned", "--secret-env", "IFADIT_SECRET", *FAST_KDF, env=env)
     assert proc.stdout.strip() == str(out)
@@ -363,7 +362,7 @@ def test_refused_before_anything_loads(tmp_path, extra, env, code, text):
     does not even exist, yet the error is about the flag."""
     src = aligned_face(tmp_path / "face.png")
     proc = run_cli("-m", "ifadit_jax.anonymize", str(src), str(tmp_path / "o.png"), "--weights",
-                   str(tmp_path / "no-weights"), "--aligned", *extra, env={**env, **CLI_ENV}, check=False)
+                   str(tmp_path / "no-weights"), "--aligned", *extra, env=env, check=False)
     assert proc.returncode == code, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0]
@@ -372,7 +371,7 @@ def test_refused_before_anything_loads(tmp_path, extra, env, code, text):
 
 def test_non_utf8_secret_env_is_one_line(tmp_path, release_weights):
     src = aligned_face(tmp_path / "face.png")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **CLI_ENV)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     envb = {k.encode(): v.encode() for k, v in env.items()}
     envb[b"IFADIT_SECRET"] = b"\xff\xfesecret"
     proc = subprocess.run([sys.executable, "-m", "ifadit_jax.anonymize", str(src), str(tmp_path / "o.png"),
@@ -409,7 +408,7 @@ def test_recover_cli_refuses_a_device_sidecar_in_one_line(tmp_path):
     src = aligned_face(tmp_path / "anon.png")
     os.symlink("/dev/zero", tmp_path / "anon.png.json")
     proc = run_cli("-m", "ifadit_jax.recover", str(src), str(tmp_path / "rec.png"), "--weights",
-                   str(tmp_path / "no-weights"), "--secret-env", "S", env=CLI_ENV, check=False)
+                   str(tmp_path / "no-weights"), "--secret-env", "S", check=False)
     assert proc.returncode == InputError.exit_code
     assert proc.stderr.strip().splitlines() == [f"error: {src}.json: not a regular file"]
 
@@ -459,7 +458,7 @@ def test_recover_cli_refuses_a_sidecar_of_another_image_before_loading(tmp_path)
             "key": {"path": "vector"}, "refine": True, "mode": "photo", "size": [512, 512], "faces": []}
     (tmp_path / "anon.png.json").write_text(json.dumps(side))
     proc = run_cli("-m", "ifadit_jax.recover", str(src), str(tmp_path / "rec.png"), "--weights",
-                   str(tmp_path / "no-weights"), "--key-vector", "u.npy", env=CLI_ENV, check=False)
+                   str(tmp_path / "no-weights"), "--key-vector", "u.npy", check=False)
     assert proc.returncode == InputError.exit_code
     assert proc.stderr.strip().splitlines() == [
         f"error: {src}.json: size: records 512x512 but the image is 256x256 (a sidecar of another image?)"]
@@ -643,7 +642,7 @@ def test_two_devices_give_the_same_images_as_one(tmp_path, release_weights, secr
         out = tmp_path / f"out{n}"
         proc = run_cli("-m", "ifadit_jax.anonymize", str(src), str(out), "--weights", str(release_weights),
                        "--aligned", "--secret-file", str(secret_file), "--batch", "3", "--verbose",
-                       *FAST_KDF, env={**CLI_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+                       *FAST_KDF, env=xla_env(n))
         want = f"networks: 2 calls of {3 if n == 1 else 4} images on {n} device(s)"
         assert want in proc.stderr, proc.stderr
         outs[n] = {p.name: imageio.to_uint8(imageio.read_rgb(p)).astype(int) for p in out.glob("*.png")}

@@ -187,7 +187,7 @@ def test_cli_flag_reaches_the_load_and_bad_values_are_usage_errors(tmp_path, mon
 
     monkeypatch.setattr(pipeline, "load", load)
     argv = [str(image), str(tmp_path / "out.png"), "--weights", str(tmp_path), "--aligned",
-            "--secret-file", str(secret), "--no-compile-cache"]
+            "--secret-file", str(secret)]
     for flags, want in (([], "float32"), (["--precision", "bfloat16"], "bfloat16")):
         with pytest.raises(Loaded):
             commands.anonymize_main(argv + flags)

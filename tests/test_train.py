@@ -28,7 +28,7 @@ from PIL import Image
 from ifadit_jax import imageio, pipeline, roles, train
 from ifadit_jax.errors import InputError, WeightsError
 from ifadit_jax.training import checkpoints, freezing, networks, objective, writers
-from tests.helpers import ROOT, leaves, load_config, run_cli, smoke
+from tests.helpers import ROOT, leaves, load_config, run_cli, smoke, xla_env
 
 
 # The tests that train share module fixtures (run1, run2, ...) and compiled steps: under
@@ -74,13 +74,8 @@ def run2(tmp_path_factory, faces, run1):
 
 
 def subprocess_env(**extra):
-    """The same compilation cache and matmul precision as this test process."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-               JAX_DEFAULT_MATMUL_PRECISION=str(jax.config.jax_default_matmul_precision))
-    env.update(extra)
-    return env
+    """This test process's environment (its compilation cache and matmul precision: conftest)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", **extra)
 
 
 def jsonl(workdir):
@@ -363,7 +358,7 @@ def two_devices(tmp_path_factory, faces, run1):
     start-up): the uneven-batch errors, and 2 phase I steps over the data in file order."""
     out = tmp_path_factory.mktemp("two_devices")
     proc = run_cli("-c", TWO_DEVICES, str(faces), str(run1[0]), str(out), check=False,
-                   env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+                   env=subprocess_env(**xla_env(2)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc.stdout
 
@@ -441,7 +436,7 @@ def test_two_devices_match_one_device(tmp_path, faces, run1):
     global batch change L_Anon by 0.6%."""
     proc = run_cli("-c", FIRST_STEP_IN_FLOAT64, str(faces), str(run1[0]), str(tmp_path),
                    check=False,
-                   env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+                   env=subprocess_env(**xla_env(2)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for phase, role_names, terms in ((1, ["['attr_encoder'", "['mapper'"], {"p1/vq", "p1/sem"}),
                                 (2, ["['flow'", "['icl'"], {"anon", "div", "deanon"})):
