@@ -9,12 +9,6 @@ import pytest
 
 from tests.helpers import small_weights_folder
 
-# The suite compiles far more than it computes (tiny widths, hundreds of programs): LLVM at -O0
-# cuts a training step's compile by about a third, and XLA's own HLO passes (the semantics)
-# are unchanged. Set before any backend starts; subprocesses inherit it (tests.helpers.xla_env).
-os.environ["XLA_FLAGS"] = " ".join(
-    f for f in (os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0") if f)
-
 # Compiled XLA programs are reused across test workers, the CLI subprocesses the tests start (they
 # inherit the environment) and runs. Small programs too: the CLI subprocesses compile the same
 # hundreds of small ones (MTCNN's stages, preprocessing) that JAX's 0.5 s default would not keep.

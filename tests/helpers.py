@@ -32,7 +32,7 @@ def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
 
 
 def xla_env(devices: int) -> dict[str, str]:
-    """XLA_FLAGS for a subprocess with `devices` fake CPU devices, keeping the suite's flags."""
+    """XLA_FLAGS for a subprocess with `devices` fake CPU devices, keeping any flags already set."""
     return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
                          f"--xla_force_host_platform_device_count={devices}".strip()}
 
