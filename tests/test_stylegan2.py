@@ -89,6 +89,44 @@ def test_noise_modes(rosinality, ros_io):
         G.synthesis(ws[:, :5])
 
 
+def _synthesis_jaxpr(G, ws):
+    return str(jax.make_jaxpr(lambda v, w: G.module.apply(v, w, "const", method="synthesize"))(
+        G.variables, ws))
+
+
+def test_blocks_in_chunks_match_the_official_outputs(rosinality, ros_io, monkeypatch):
+    """With a 1-byte cache every block of the batch-2 fixture runs one image at a time; the
+    official outputs hold at the same tolerance, for stored, shared and per-image noise."""
+    ws = ros_io["wplus"]
+    assert "scan" not in _synthesis_jaxpr(rosinality, ws)  # fixture widths fit: one call
+    monkeypatch.setattr(stylegan2, "CACHE_BYTES", 1)
+    G = stylegan2.StyleGAN2(rosinality.config, rosinality.variables)  # a fresh jit cache
+    assert "scan" in _synthesis_jaxpr(G, ws)
+    np.testing.assert_allclose(nchw(G.synthesis(ws, "const")), ros_io["img_wplus_const"],
+                               atol=IMG_ATOL, rtol=0)
+    shared = [ros_io[f"noise_{i}"] for i in range(G.config.n_noise)]  # official (1,1,r,r)
+    np.testing.assert_allclose(nchw(G.synthesis(ws, noise=shared)), ros_io["img_wplus_noise"],
+                               atol=IMG_ATOL, rtol=0)
+    # Image 0 with the official noise, image 1 with none: each must get its own noise.
+    per_image = [np.concatenate([n[:, 0], np.zeros_like(n[:, 0])]) for n in shared]
+    got = nchw(G.synthesis(ws, noise=per_image))
+    np.testing.assert_allclose(got[0], ros_io["img_wplus_noise"][0], atol=IMG_ATOL, rtol=0)
+    np.testing.assert_allclose(got[1], nchw(rosinality.synthesis(ws, "none"))[1], atol=IMG_ATOL,
+                               rtol=0)
+    a, b = (G.synthesis(ws, "random", rng=jax.random.key(1)) for _ in range(2))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a) - np.asarray(G.synthesis(ws, "none"))).max() > 1e-3
+
+
+@pytest.mark.parametrize("batch,image_mib,want", [
+    (1, 32, 1), (4, 8, 4), (8, 8, 4), (8, 16, 2), (8, 32, 1), (8, 64, 1), (6, 8, 3), (7, 8, 1),
+    (8, 4, 8), (16, 2, 16)])
+def test_chunk_size_is_the_largest_divisor_that_fits(batch, image_mib, want):
+    # 32 MiB budget: 8 MiB images fit 4 at a time, 16 MiB 2, 32 MiB and more 1.
+    assert stylegan2.CACHE_BYTES == 32 * 2 ** 20
+    assert stylegan2.chunk_size(batch, image_mib * 2 ** 20) == want
+
+
 def test_nvlabs_mapping_and_synthesis(nvlabs):
     io = load_npz("ada_256_io.npz")
     G = nvlabs
