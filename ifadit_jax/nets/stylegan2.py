@@ -359,8 +359,8 @@ class Synthesis(nn.Module):
         variables = {col: tree[name] for col, tree in self.variables.items() if name in tree}
         block = _Block(dict(self.config.channels)[res], res, self.config, parent=None)
         batch = x.shape[0]
-        split = lambda a: a.reshape((batch // chunk, chunk) + a.shape[1:])  # noqa: E731
-        per_image = lambda n: n is not None and n.ndim == 4 and n.shape[0] == batch > 1  # noqa: E731
+        split = lambda a: a.reshape((batch // chunk, chunk) + a.shape[1:])
+        per_image = lambda n: n is not None and n.ndim == 4 and n.shape[0] == batch > 1
         keys = (jax.random.split(self.make_rng("noise"), batch // chunk)
                 if noise_mode == "random" and noise0 is None else None)
         mapped = (split(x), split(img), split(ws3), keys,
@@ -378,19 +378,24 @@ class Synthesis(nn.Module):
         return x.reshape((batch,) + x.shape[2:]), img.reshape((batch,) + img.shape[2:])
 
 
-# At 256 px and real widths one image's activation is 8 MiB at 64 px (512 channels), 16 MiB at
-# 128 px and 32 MiB at 256 px, and the 2-core EPYC it was measured on has a 32 MiB L3. A block
-# whose batch activation exceeds that gets slower per image as the batch grows (b64 block, CPU
-# seconds per image, one process, interleaved: batch 4 0.25-0.26, batch 8 0.30-0.31, batch 8 as
-# 2 x 4 0.26; conv1, 64x64x512 -> 512, is the layer that slows: 0.19-0.22 vs 0.23-0.24), and
-# at batch 4 the 128 and 256 px blocks run 3-7% faster in chunks of 2 and 1 than whole.
+# Why blocks run in chunks: per-image time grew from batch 4 to batch 8 because a block's batch
+# activations outgrow the cache. At 256 px and real widths one image's activation is 8 MiB at
+# 64 px (512 channels), 16 MiB at 128 px and 32 MiB at 256 px; the 2-core EPYC this was measured
+# on has a 32 MiB L3, and the 3x3 convolution that dominates a block reads a res x res x C input
+# and writes an output of the same size, so a chunk fits when its activation is half the L3.
+# Measured (real widths, CPU seconds per image, one process, variants interleaved, loaded
+# machine): b64 block batch 4 0.25-0.26, batch 8 0.30-0.31 (its conv1 0.19-0.22 -> 0.23-0.24),
+# batch 8 in chunks of 4 / 2 / 1 0.28 / 0.26 / 0.27, batch 4 in chunks of 2 0.26 vs whole 0.28;
+# at batch 4 the 128 px block 0.34-0.35 in chunks of 2 or 1 vs 0.37 whole, the 256 px block
+# 0.38 in chunks of 1 vs 0.40 whole; the 32 px block (2 MiB per image) the same whole or in 4s.
 CACHE_BYTES = 32 * 2 ** 20
 
 
 def chunk_size(batch: int, image_bytes: int) -> int:
     """Images per call for a block whose output activation is `image_bytes` per image: the
-    largest divisor of `batch` whose activations fit in CACHE_BYTES (at least 1)."""
-    cap = max(1, CACHE_BYTES // max(1, image_bytes))
+    largest divisor of `batch` whose activations, input and output, fit in CACHE_BYTES together
+    (at least 1)."""
+    cap = max(1, CACHE_BYTES // max(1, 2 * image_bytes))
     return max(d for d in range(1, min(cap, batch) + 1) if batch % d == 0)
 
 
