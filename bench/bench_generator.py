@@ -2,9 +2,16 @@
 
 Prints, per width and batch: images/s, XLA's cost-analysis FLOPs, FLOP/s and its fraction of the
 machine's peak (a 4096^3 float32 matmul measured in this process right before every timed call,
-bench/common.py `time_against_peak`), compile time and peak memory. Issue 16 asks for >= 50% of peak at batch 1 and 4 and
-images/s non-decreasing from batch 1 to 4 to 8; the last line says whether the per-image rate
-held up, in fractions of peak so that the shared machine's load cancels.
+bench/common.py `peak`; the batches take turns, round after round), this process's CPU seconds
+per image, the first call's time (compilation and one run) and peak memory. Issue 16 asks for
+>= 50% of peak at batch 1 and 4 and images/s non-decreasing from batch 1 to 4 to 8; the last line
+of each width gives the per-image rate of each batch over the previous one (batch 4/1, 8/4), as
+ratios of fractions of peak (so that the shared machine's load cancels) and of CPU seconds.
+
+FLOPs are counted at batch 1 and scaled by the batch: at larger batches the generator runs its
+high-resolution blocks in chunks (`jax.lax.map`, see stylegan2.chunk_size), and XLA's cost
+analysis counts a loop body once. A batch-1 call has no such loop, and FLOPs per image do not
+depend on the batch.
 
   python bench/bench_generator.py [--repeats N] [--batches 1,4,8] [--widths fixture,real]
                                   [--precision float32|bfloat16]
@@ -25,7 +32,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import flops, time_against_peak
+from common import flops, peak
 
 from ifadit_jax.nets import stylegan2
 
@@ -43,24 +50,47 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench(name: str, cfg: stylegan2.Config, batch: int, repeats: int,
-          dtype=jnp.float32) -> float:
-    """Prints one line; returns the fraction of peak reached. `dtype` bfloat16: weights and
-    latents cast inside the jitted call (as the pipeline's bfloat16 mode does), float32 stored."""
+def timed(fn, *args) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def bench_width(name: str, cfg: stylegan2.Config, batches: list[int], repeats: int,
+                dtype=jnp.float32) -> tuple[list[float], list[float]]:
+    """Prints one line per batch; returns each batch's median fraction of peak and median CPU
+    seconds per image (this process's: time the neighbours take is not in it). The batches take
+    turns, round after round, each call right after its own peak (bench/common.py `peak`), so a
+    neighbour's load that comes and goes falls on every batch alike. `dtype` bfloat16: weights
+    and latents cast inside the jitted call (as the pipeline's bfloat16 mode does)."""
     G = stylegan2.random_generator(cfg, seed=0)
-    ws = jax.random.normal(jax.random.key(1), (batch, cfg.n_latent, cfg.w_dim))
     cast = lambda t: jax.tree.map(lambda a: a.astype(dtype), t)
     fn = jax.jit(lambda v, w: G.module.apply(cast(v), cast(w), "const", method="synthesize"))
-    t0 = time.perf_counter()
-    flop = flops(fn, G.variables, ws)
-    compile_s = time.perf_counter() - t0
-    t, p = time_against_peak(fn, repeats, G.variables, ws)
-    frac = flop / t / p
-    print(f"{name:8s} batch {batch}: {batch / t:8.3f} images/s  ({t * 1e3:8.1f} ms/batch, "
-          f"{flop / batch / 1e9:6.1f} GFLOP/image, {flop / t / 1e9:6.1f} GFLOP/s = {frac:6.1%} "
-          f"of peak {p / 1e9:.0f} GFLOP/s; compile {compile_s:5.1f} s, peak RSS "
-          f"{peak_rss_mib():6.0f} MiB)", flush=True)
-    return frac
+    ws = {b: jax.random.normal(jax.random.key(1), (b, cfg.n_latent, cfg.w_dim)) for b in batches}
+    compile_s = {}
+    for b in batches:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(G.variables, ws[b]))
+        compile_s[b] = time.perf_counter() - t0  # compilation and one run
+    flop_image = flops(fn, G.variables, ws[batches[0]][:1])  # see the module docstring
+    runs = {b: [] for b in batches}  # (fraction of peak, wall s, CPU s, peak FLOP/s)
+    for _ in range(repeats):
+        for b in batches:
+            p = peak(repeats=2)
+            wall, cpu = timed(fn, G.variables, ws[b])
+            runs[b].append((flop_image * b / wall / p, wall, cpu, p))
+    fracs, cpus = [], []
+    for b in batches:
+        frac, wall, cpu, p = sorted(runs[b])[(repeats - 1) // 2]  # the median call, its own peak
+        cpu_image = sorted(r[2] for r in runs[b])[(repeats - 1) // 2] / b
+        print(f"{name:8s} batch {b}: {b / wall:8.3f} images/s  ({wall * 1e3:8.1f} ms/batch, "
+              f"{flop_image / 1e9:6.1f} GFLOP/image, {flop_image * b / wall / 1e9:6.1f} GFLOP/s = "
+              f"{frac:6.1%} of peak {p / 1e9:.0f} GFLOP/s; median CPU {cpu_image:.3f} s/image; "
+              f"first call {compile_s[b]:5.1f} s, peak RSS {peak_rss_mib():6.0f} MiB)", flush=True)
+        fracs.append(frac)
+        cpus.append(cpu_image)
+    return fracs, cpus
 
 
 def main():
@@ -73,14 +103,20 @@ def main():
     args = p.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}); "
           f"{os.cpu_count()} CPUs; {platform.processor() or platform.machine()}")
+    batches = [int(b) for b in args.batches.split(",")]
     for name in args.widths.split(","):
-        fracs = [bench(name, WIDTHS[name], int(b), args.repeats, jnp.dtype(args.precision))
-                 for b in args.batches.split(",")]
-        # FLOPs per image do not depend on the batch, so a fraction of peak that does not fall
-        # means images/s per image that does not fall (at the peak of the moment).
-        falls = any(b < a * 0.95 for a, b in itertools.pairwise(fracs))
-        print(f"{name:8s} per-image rate over batches {args.batches}: "
-              f"{'falls' if falls else 'holds (within 5%)'}", flush=True)
+        fracs, cpus = bench_width(name, WIDTHS[name], batches, args.repeats,
+                                  jnp.dtype(args.precision))
+        # FLOPs per image do not depend on the batch, so the ratio of two fractions of peak is
+        # the ratio of their images/s per image (each at the peak of its moment); the ratio of
+        # CPU seconds per image says the same without counting the time the neighbours take.
+        pairs = list(itertools.pairwise(zip(batches, fracs, cpus)))
+        by_peak = [f"{b}/{a} {fb / fa:.3f}x" for (a, fa, _), (b, fb, _) in pairs]
+        by_cpu = [f"{b}/{a} {ca / cb:.3f}x" for (a, _, ca), (b, _, cb) in pairs]
+        falls = any(fb < fa * 0.95 for (_, fa, _), (_, fb, _) in pairs)
+        print(f"{name:8s} per-image rate, batch over batch: {', '.join(by_peak)} (fractions of "
+              f"peak), {', '.join(by_cpu)} (CPU s/image) -> "
+              f"{'falls' if falls else 'holds (none below 0.95x)'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,69 @@ def test_noise_modes(rosinality, ros_io):
         G.synthesis(ws[:, :5])
 
 
+def _synthesis_jaxpr(G, ws):
+    return str(jax.make_jaxpr(lambda v, w: G.module.apply(v, w, "const", method="synthesize"))(
+        G.variables, ws))
+
+
+def test_blocks_in_chunks_match_the_official_outputs(rosinality, ros_io, monkeypatch):
+    """With a 1-byte cache every block of the batch-2 fixture runs one image at a time; the
+    official outputs hold at the same tolerance, for stored, shared and per-image noise."""
+    ws = ros_io["wplus"]
+    assert "scan" not in _synthesis_jaxpr(rosinality, ws)  # fixture widths fit: one call
+    monkeypatch.setattr(stylegan2, "CACHE_BYTES", 1)
+    G = stylegan2.StyleGAN2(rosinality.config, rosinality.variables)  # a fresh jit cache
+    assert "scan" in _synthesis_jaxpr(G, ws)
+    np.testing.assert_allclose(nchw(G.synthesis(ws, "const")), ros_io["img_wplus_const"],
+                               atol=IMG_ATOL, rtol=0)
+    shared = [ros_io[f"noise_{i}"] for i in range(G.config.n_noise)]  # official (1,1,r,r)
+    np.testing.assert_allclose(nchw(G.synthesis(ws, noise=shared)), ros_io["img_wplus_noise"],
+                               atol=IMG_ATOL, rtol=0)
+    # Image 0 with the official noise, image 1 with none: each must get its own noise.
+    per_image = [np.concatenate([n[:, 0], np.zeros_like(n[:, 0])]) for n in shared]
+    got = nchw(G.synthesis(ws, noise=per_image))
+    np.testing.assert_allclose(got[0], ros_io["img_wplus_noise"][0], atol=IMG_ATOL, rtol=0)
+    np.testing.assert_allclose(got[1], nchw(rosinality.synthesis(ws, "none"))[1], atol=IMG_ATOL,
+                               rtol=0)
+    a, b = (G.synthesis(ws, "random", rng=jax.random.key(1)) for _ in range(2))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a) - np.asarray(G.synthesis(ws, "none"))).max() > 1e-3
+
+
+def test_blocks_in_chunks_keep_gradients_and_vmap(monkeypatch):
+    """Training differentiates through G: the chunked blocks give the whole-batch gradients."""
+    cfg = stylegan2.Config(resolution=32, z_dim=16, w_dim=16,
+                           channels=stylegan2.rosinality_channels(32, 2, 64))
+    G = stylegan2.random_generator(cfg, seed=3)
+    ws = jax.random.normal(jax.random.key(4), (4, cfg.n_latent, cfg.w_dim))
+
+    def grads():
+        loss = lambda v, w: jnp.sum(jnp.square(G.module.apply(v, w, method="synthesize")))
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(G.variables, ws)
+
+    whole = grads()
+    monkeypatch.setattr(stylegan2, "CACHE_BYTES", 1)
+    chunked = grads()
+    # The weight gradients sum over the batch in another order: float32 rounding of sums of
+    # terms up to ~1e3, so 1e-4 of each gradient's largest entry.
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(a).max() + 1e-6)
+    jax.tree.map(close, whole, chunked)
+    per_pair = jax.vmap(lambda w: G.module.apply(G.variables, w, method="synthesize"))(
+        ws.reshape(2, 2, *ws.shape[1:]))
+    np.testing.assert_allclose(per_pair.reshape(4, 32, 32, 3),
+                               G.module.apply(G.variables, ws, method="synthesize"), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,image_mib,want", [
+    (1, 32, 1), (4, 8, 2), (8, 8, 2), (8, 16, 1), (8, 32, 1), (8, 64, 1), (6, 8, 2), (7, 8, 1),
+    (6, 4, 3), (8, 4, 4), (16, 2, 8), (4, 2, 4)])
+def test_chunk_size_is_the_largest_divisor_that_fits(batch, image_mib, want):
+    # 32 MiB for a chunk's input and output together: 16 MiB of activation, so 8 MiB images
+    # go 2 at a time, 4 MiB 4, 16 MiB and more 1.
+    assert stylegan2.CACHE_BYTES == 32 * 2 ** 20
+    assert stylegan2.chunk_size(batch, image_mib * 2 ** 20) == want
+
+
 def test_nvlabs_mapping_and_synthesis(nvlabs):
     io = load_npz("ada_256_io.npz")
     G = nvlabs
