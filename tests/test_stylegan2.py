@@ -146,10 +146,22 @@ def test_blocks_in_chunks_keep_gradients_and_vmap(monkeypatch):
     (1, 32, 1), (4, 8, 2), (8, 8, 2), (8, 16, 1), (8, 32, 1), (8, 64, 1), (6, 8, 2), (7, 8, 1),
     (6, 4, 3), (8, 4, 4), (16, 2, 8), (4, 2, 4)])
 def test_chunk_size_is_the_largest_divisor_that_fits(batch, image_mib, want):
-    # 32 MiB for a chunk's input and output together: 16 MiB of activation, so 8 MiB images
-    # go 2 at a time, 4 MiB 4, 16 MiB and more 1.
-    assert stylegan2.CACHE_BYTES == 32 * 2 ** 20
-    assert stylegan2.chunk_size(batch, image_mib * 2 ** 20) == want
+    # A 32 MiB L3 for a chunk's input and output together: 16 MiB of activation, so 8 MiB
+    # images go 2 at a time, 4 MiB 4, 16 MiB and more 1. No budget: the whole batch.
+    assert stylegan2.chunk_size(batch, image_mib * 2 ** 20, 32 * 2 ** 20) == want
+    assert stylegan2.chunk_size(batch, image_mib * 2 ** 20, None) == batch
+
+
+def test_the_cache_budget_is_the_cpus_l3_and_none_elsewhere(tmp_path, monkeypatch):
+    for text, want in (("32768K\n", 32 * 2 ** 20), ("8M", 8 * 2 ** 20), ("0K", None),
+                       ("", None), ("lots", None)):
+        (tmp_path / "size").write_text(text)
+        assert stylegan2._last_level_cache_bytes(str(tmp_path / "size")) == want, text
+    assert stylegan2._last_level_cache_bytes(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(stylegan2, "CACHE_BYTES", 123)
+    assert stylegan2.cache_budget() == 123  # this suite runs on the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert stylegan2.cache_budget() is None
 
 
 def test_nvlabs_mapping_and_synthesis(nvlabs):

@@ -336,7 +336,8 @@ class Synthesis(nn.Module):
         i = 1
         res = 8
         while res <= cfg.resolution:
-            chunk = chunk_size(x.shape[0], res * res * ch[res] * jnp.dtype(x.dtype).itemsize)
+            chunk = chunk_size(x.shape[0], res * res * ch[res] * jnp.dtype(x.dtype).itemsize,
+                               cache_budget())
             if chunk < x.shape[0] and not self.is_initializing():
                 x, img = self._block_in_chunks(res, chunk, x, img, ws[:, i:i + 3], noise_mode,
                                                noise[i], noise[i + 1])
@@ -388,14 +389,37 @@ class Synthesis(nn.Module):
 # batch 8 in chunks of 4 / 2 / 1 0.28 / 0.26 / 0.27, batch 4 in chunks of 2 0.26 vs whole 0.28;
 # at batch 4 the 128 px block 0.34-0.35 in chunks of 2 or 1 vs 0.37 whole, the 256 px block
 # 0.38 in chunks of 1 vs 0.40 whole; the 32 px block (2 MiB per image) the same whole or in 4s.
-CACHE_BYTES = 32 * 2 ** 20
 
 
-def chunk_size(batch: int, image_bytes: int) -> int:
+def _last_level_cache_bytes(path: str = "/sys/devices/system/cpu/cpu0/cache/index3/size") -> int | None:
+    """The CPU's L3 size from Linux's sysfs ("32768K"), None where it cannot be read."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:].upper(), 1)
+    digits = text[:-1] if text[-1:].upper() in "KMG" else text
+    return int(digits) * scale if digits.isdigit() and int(digits) > 0 else None
+
+
+CACHE_BYTES = _last_level_cache_bytes()
+
+
+def cache_budget() -> int | None:
+    """The bytes a block's chunk may occupy: the L3 on a CPU backend; None (the whole batch in
+    one call) on an accelerator, whose kernels want the largest batch, or where the L3 is
+    unknown."""
+    return CACHE_BYTES if jax.default_backend() == "cpu" else None
+
+
+def chunk_size(batch: int, image_bytes: int, cache_bytes: int | None) -> int:
     """Images per call for a block whose output activation is `image_bytes` per image: the
-    largest divisor of `batch` whose activations, input and output, fit in CACHE_BYTES together
-    (at least 1)."""
-    cap = max(1, CACHE_BYTES // max(1, 2 * image_bytes))
+    largest divisor of `batch` whose activations, input and output, fit in `cache_bytes`
+    together (at least 1); the whole batch when `cache_bytes` is None."""
+    if cache_bytes is None:
+        return batch
+    cap = max(1, cache_bytes // max(1, 2 * image_bytes))
     return max(d for d in range(1, min(cap, batch) + 1) if batch % d == 0)
 
 
