@@ -71,6 +71,38 @@ def to_encoder_range(x: jax.Array, input_range: Sequence[float]) -> jax.Array:
     return lo + (x + 1.0) * ((hi - lo) / 2.0)
 
 
+# The fine style blocks' first convolutions (7 of the 14 blocks, 3x3 stride 2 from the 64x64x512
+# map p1: 34 of E_Attr's 115 GFLOP per image) run as matmuls over the 9 shifted strided views of
+# their shared input, which XLA builds once for all seven: XLA's CPU convolution ran them at 81-93
+# GFLOP/s at batch 4 (the batch's 32 MiB input outgrows the cache), the matmuls at 142-157
+# (batch 4: 1463-1673 -> 863-954 ms for the seven, batch 1: 249 -> 212 ms; 2-core EPYC, real
+# widths). Smaller maps stay convolutions: there the matmul form measured as fast or slower.
+PATCHES_FROM = 64
+
+
+class StridedConv3x3(nn.Module):
+    """torch Conv2d(3x3, stride 2, padding 1, bias) with `irse.conv`'s parameters (kernel
+    [3, 3, in, out], bias [out]); as one matmul over the strided views when the input is at
+    least PATCHES_FROM pixels high."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        if x.shape[1] < PATCHES_FROM:
+            y = jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return y + bias
+        h, w = -(-x.shape[1] // 2), -(-x.shape[2] // 2)  # torch: floor((n + 2 - 3) / 2) + 1
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        views = [padded[:, i:i + 2 * h:2, j:j + 2 * w:2] for i in range(3) for j in range(3)]
+        return jnp.einsum("bhwk,ko->bhwo", jnp.concatenate(views, axis=-1),
+                          kernel.reshape(-1, self.features)) + bias
+
+
 class GradualStyleBlock(nn.Module):
     """[conv3x3/2 + LeakyReLU(0.01)] * n_convs down to 1x1, then EqualLinear(width, w_dim)."""
 
@@ -81,7 +113,7 @@ class GradualStyleBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         for j in range(self.n_convs):
-            x = nn.leaky_relu(irse.conv(self.width, 3, 2, f"conv_{j}", bias=True)(x), LEAKY_SLOPE)
+            x = nn.leaky_relu(StridedConv3x3(self.width, name=f"conv_{j}")(x), LEAKY_SLOPE)
         if x.shape[1:3] != (1, 1):
             raise InputError(f"pSp encoder: a style block ended at {x.shape[1]}x{x.shape[2]}, not "
                              "1x1; the encoder takes 256x256 images")
