@@ -31,9 +31,6 @@ from ifadit_jax.training import checkpoints, freezing, networks, objective, writ
 from tests.helpers import ROOT, leaves, load_config, run_cli, smoke, xla_env
 
 
-# The tests that train share module fixtures (run1, run2, ...) and compiled steps: under
-# `pytest -n` (`--dist loadgroup`, pyproject.toml) they run on one worker, so nothing trains or
-# compiles twice; the rest of the suite spreads over the other workers.
 # Tests that share the module's training runs (run1, run2) stay on one xdist worker so that no run
 # or compile happens twice; the tests that start their own runs go to another group, so the two
 # halves of this module (the suite's longest path) run on both workers.
@@ -336,11 +333,11 @@ import jax
 from ifadit_jax import train
 from ifadit_jax.errors import InputError
 from tests.helpers import smoke
-faces, p1_workdir, out = sys.argv[1:4]
+faces, out = sys.argv[1:3]
 assert jax.local_device_count() == 2
-for phase, kw, msg in ((1, dict(total_steps=1), "does not split evenly"),
-                       (2, dict(init_from=p1_workdir), "must be even")):
-    cfg = smoke(phase, faces, **kw)
+# Both batch checks come before any network or checkpoint is read (phase II needs no init_from).
+for phase, msg in ((1, "does not split evenly"), (2, "must be even")):
+    cfg = smoke(phase, faces, total_steps=1)
     cfg.data.batch_size = 3 if phase == 1 else 2
     try:
         train.train_and_evaluate(cfg, out + f"/bad{phase}")
@@ -355,11 +352,11 @@ train.train_and_evaluate(cfg, out + "/p1_in_order")
 
 
 @pytest.fixture(scope="module")
-def two_devices(tmp_path_factory, faces, run1):
+def two_devices(tmp_path_factory, faces):
     """Runs on 2 fake CPU devices in one process (a subprocess: the device count is fixed at
     start-up): the uneven-batch errors, and 2 phase I steps over the data in file order."""
     out = tmp_path_factory.mktemp("two_devices")
-    proc = run_cli("-c", TWO_DEVICES, str(faces), str(run1[0]), str(out), check=False,
+    proc = run_cli("-c", TWO_DEVICES, str(faces), str(out), check=False,
                    env=subprocess_env(**xla_env(2)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc.stdout
@@ -371,24 +368,19 @@ def test_uneven_batches_are_clear_errors(two_devices):
     assert "(1 = 2 / 2) must be even" in two_devices[1]
 
 
-FIRST_STEP_IN_FLOAT64 = r"""
+PHASE2_FIRST_STEP = r"""
 import sys
 import jax
-jax.config.update("jax_enable_x64", True)
 import numpy as np
 import optax
 from ifadit_jax import train
 from ifadit_jax.training import step as step_lib
 from tests.helpers import leaves, smoke
-faces, p1_workdir, out = sys.argv[1:4]
-to64 = lambda tree: jax.tree.map(  # noqa: E731
-    lambda a: a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a,
-    step_lib.unreplicate(tree))
-cfg = smoke(2, faces, "smoke,no_img", init_from=p1_workdir, refine=False)
-run = train.setup(cfg, f"{out}/run2")
+faces, out = sys.argv[1:3]
+run = train.setup(smoke(2, faces, "smoke,no_img", refine=False), f"{out}/run2")
 run.ckpts.close()
-state, frozen, loss_nets = to64(run.state), to64(run.frozen), to64(run.loss_nets)
-images = np.asarray(next(run.data_it)["image"], np.float64)
+state, frozen, loss_nets = (step_lib.unreplicate(t) for t in (run.state, run.frozen, run.loss_nets))
+images = next(run.data_it)["image"]
 for devices in (jax.local_devices()[:1], jax.local_devices()):
     p_step = step_lib.make_step(run.obj, run.optimizer, devices)
     placed = [step_lib.replicate(t, devices) for t in (state, frozen, loss_nets)]
@@ -426,8 +418,7 @@ def test_two_devices_match_one_device_in_phase1(tmp_path, faces, two_devices):
     round differently at another batch size (~1e-7) and the random networks' kinks amplify that
     to ~1e-4 in the gradients, far below what a missing pmean of the gradients (E_Attr's then
     differ by 20%, checked by removing it) or per-device BatchNorm statistics (batch 1 instead
-    of 2 per statistic) change. Phase II, whose
-    key draws by position are a 0.6% effect, is compared in float64 below."""
+    of 2 per statistic) change."""
     cfg = smoke(1, faces, total_steps=1)
     cfg.data.shuffle = False
     train.train_and_evaluate(cfg, str(tmp_path / "one"))
@@ -445,34 +436,32 @@ def test_two_devices_match_one_device_in_phase1(tmp_path, faces, two_devices):
         np.testing.assert_allclose(stats2[k], stats1[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-@RUNS
-def test_two_devices_match_one_device_in_phase2(tmp_path, faces, run1):
-    """Phase II's first step (smoke config from run1) on one device with the global batch and
-    on 2 fake CPU devices, through the trainer's setup and pmapped step: the loss terms, the
-    gradients (Adam's first moment: with b1 = 0, mu is the averaged gradient) agree within 1e-5
-    (measured: 1e-14 at most, float64 rounding). Without L_Img and refinement: what differs
-    across devices (the pmean of T's and C's gradients, keys drawn by position in the global
-    batch) is all in the identity terms, and the image terms' parser, LPIPS and landmark passes
-    more than doubled this test's compile time (the single-device phase II runs cover them).
+@OWN_RUNS
+def test_two_devices_match_one_device_in_phase2(tmp_path, faces):
+    """Phase II's first step (smoke config, random E_Attr and M: what differs across devices
+    does not depend on phase I) on one device with the global batch and on 2 fake CPU devices,
+    through the trainer's setup and pmapped step: the loss terms and the gradients (Adam's first
+    moment: with b1 = 0, mu is the averaged gradient) agree within 1e-3. Without L_Img and
+    refinement: what differs across devices (the pmean of T's and C's gradients, keys drawn by
+    position in the global batch) is all in the identity terms, and the image terms' parser,
+    LPIPS and landmark passes more than double the compile time (the single-device phase II
+    runs cover them).
 
-    In float64 (networks and images), because in float32 XLA's CPU kernels round differently at
-    another batch size or position in the batch (a spatial mean in E_Attr's SE units and
-    BiSeNet's attention, the key mapping's PixelNorm: ~1e-7), and the random smoke networks'
-    kinks (PReLU, ReLU, leaky ReLU) amplify that up to 1e-4 in the gradients, which would hide
-    what this test is for. Without the pmean (gradients of half the batch) T's gradients differ
-    by 40%; keys drawn by position on the device instead of in the global batch change L_Anon
-    by 0.6%."""
-    proc = run_cli("-c", FIRST_STEP_IN_FLOAT64, str(faces), str(run1[0]), str(tmp_path),
-                   check=False, env=subprocess_env(**xla_env(2)))
+    In float32, as phase I: another batch size rounds differently in XLA's CPU kernels (~1e-7)
+    and the random networks' kinks amplify that to 1.3e-4 of T's largest gradient (measured).
+    What this test is for is far above that (measured by breaking the step): keys drawn by
+    position on the device instead of in the global batch change L_Anon by 1.9% and T's
+    gradients by 27%; without the pmean (gradients of half the batch) they differ by 76%."""
+    proc = run_cli("-c", PHASE2_FIRST_STEP, str(faces), str(tmp_path), check=False,
+                   env=subprocess_env(**xla_env(2)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     one, two = np.load(tmp_path / "p2_1.npz"), np.load(tmp_path / "p2_2.npz")
     part = lambda f, p: {k[len(p):]: f[k] for k in f.files if k.startswith(p)}  # noqa: E731
     grads1, grads2 = part(one, "grad "), part(two, "grad ")
     assert {"anon", "div", "deanon"} <= part(one, "term ").keys()
     assert sorted({k.split("]")[0] for k in grads1}) == ["['flow'", "['icl'"]
-    assert all(g.dtype == np.float64 for g in grads1.values())
     assert_same_step({k: float(v) for k, v in part(one, "term ").items()},
-                     {k: float(v) for k, v in part(two, "term ").items()}, grads1, grads2, 1e-5)
+                     {k: float(v) for k, v in part(two, "term ").items()}, grads1, grads2, 1e-3)
     assert not part(one, "stats ") and not part(two, "stats ")
 
 
