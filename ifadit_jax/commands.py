@@ -540,14 +540,17 @@ def _make_parent(path: str) -> None:
 
 def _write(job: Job, image: np.ndarray, like: imageio.Decoded, record: dict, force: bool) -> None:
     _make_parent(job.dst)
-    # The sidecar first: an image without its sidecar could not be recovered.
-    with files.atomic_path(sidecar.path_for(job.dst), force=True) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
+    # The image is encoded beside its place first, so that a failed write leaves an existing
+    # pair (--force) as it was; then the sidecar lands, then the image (an image without its
+    # sidecar could not be recovered).
     try:
-        imageio.write_rgb(job.dst, image, force=True, like=like)
+        with files.atomic_path(job.dst, force=True) as tmp_image:
+            imageio.write_rgb(tmp_image, image, force=True, like=like)
+            with files.atomic_path(sidecar.path_for(job.dst), force=True) as tmp:
+                with open(tmp, "w") as f:
+                    json.dump(record, f, indent=1)
     except InputError:
-        if not os.path.exists(job.dst):
+        if not os.path.exists(job.dst) and os.path.exists(sidecar.path_for(job.dst)):
             os.unlink(sidecar.path_for(job.dst))  # nothing partial remains
         raise
 

@@ -223,7 +223,7 @@ def test_empty_secret_and_secret_on_argv(tmp_path, release_weights):
     assert not (tmp_path / "o.png").exists()
 
 
-def test_force_replaces_only_our_outputs(tmp_path, release_weights, secret_file):
+def test_force_replaces_only_our_outputs(tmp_path, release_weights, secret_file, monkeypatch):
     src = aligned_face(tmp_path / "face.png")
     out = tmp_path / "out.png"
     out.write_bytes(b"keep me")
@@ -237,6 +237,19 @@ def test_force_replaces_only_our_outputs(tmp_path, release_weights, secret_file)
         anon(src, ours, "--weights", release_weights, "--aligned", "--secret-file", secret_file, *FAST_KDF)
     assert anon(src, ours, "--weights", release_weights, "--aligned", "--secret-file", secret_file,
                 "--force", *FAST_KDF) == 0
+    # A replacement whose image cannot be written leaves the pair as it was: the sidecar is not
+    # rewritten (its new record would say refine: false) and no temporary file stays.
+    pair = {p: p.read_bytes() for p in (ours, tmp_path / "ours.png.json")}
+
+    def disk_full(*args, **kwargs):
+        raise InputError("disk full")
+
+    monkeypatch.setattr(imageio, "write_rgb", disk_full)
+    with pytest.raises(InputError, match="disk full"):
+        anon(src, ours, "--weights", release_weights, "--aligned", "--secret-file", secret_file,
+             "--force", "--no-refine", *FAST_KDF)
+    assert {p: p.read_bytes() for p in pair} == pair
+    assert sorted(os.listdir(tmp_path)) == ["face.png", "ours.png", "ours.png.json", "out.png"]
 
 
 def test_paths_are_compared_after_resolving_symlinks(tmp_path, release_weights, secret_file):
