@@ -199,7 +199,7 @@ COMMANDS = {c: e for c, e in [
            add=SMALL_TABLES, needs=("train_p2", "synthesize", "ablation_folders"),
            writes=("results/table5_short/table5.csv",))),
     ("python -m experiments.run all --demo --out out/experiments",
-     Entry("all_demo", add=("--limit", "2", "--batch", "1", "--div-keys", "2", "--samples", "2"),
+     Entry("all_demo", add=("--limit", "2", "--batch", "2", "--div-keys", "2", "--samples", "1"),
            writes=tuple(f"out/experiments/table{i}_samples.png" for i in range(1, 5)))),
     ("python -m experiments.run video --weights weights/ --videos clips/ --out results/",
      Entry("video_exp", replace={**_results("video_exp"), "clips/": "clip.mp4"}, add=("--crf", "28", "--quiet"),
