@@ -1,6 +1,6 @@
 """Training: the smoke configs of both phases end to end, exact resume after SIGKILL, two
-processes and two (fake) devices against one, a falling loss, the non-finite stop, no recompilation, the CLI, configs and
-the TensorBoard event format.
+processes and two (fake) devices against one, a falling loss, the non-finite stop, no
+recompilation, the CLI, configs and the TensorBoard event format.
 
 Cost control: every run uses the smoke configs (random tiny networks, batch 2 / 4); runs of one
 phase share one compiled step through the persistent compilation cache (same shapes, and the
