@@ -38,3 +38,28 @@ def release_weights(tmp_path_factory):
     MTCNN detector: the weights folder that the pipeline, command-line and video tests read
     (never write). One per worker."""
     return small_weights_folder(tmp_path_factory.mktemp("release"))
+
+
+# xdist: every module is one group (on one worker), so that two workers never build a module's
+# fixtures and compile its programs at the same time (the persistent cache only helps the
+# second worker once the first has finished a program); tests/test_train.py and the README
+# commands split themselves into their own groups. The groups run longest first (measured in
+# a cold run on the 2-core machine: 380, 280, 240, 230, 110 s, then 60-90 s), so that no
+# worker starts a long group while the other is nearly done; the rest follow in file order.
+LONGEST_FIRST = ("train_runs", "train_own_runs", "readme_commands", "test_commands",
+                 "test_stylegan2", "test_pipeline", "test_experiments", "test_precision")
+
+
+def _group(item) -> str:
+    return item.get_closest_marker("xdist_group").args[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    if not getattr(config.option, "loadgroup", False):  # not an xdist worker under loadgroup
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: file order otherwise
