@@ -33,7 +33,9 @@ from tests.helpers import ROOT, leaves, load_config, run_cli, smoke, xla_env
 
 # Tests that share the module's training runs (run1, run2) stay on one xdist worker so that no run
 # or compile happens twice; the tests that start their own runs go to another group, so the two
-# halves of this module (the suite's longest path) run on both workers.
+# halves of this module (the suite's longest path) run on both workers. Both groups start first
+# (tests/conftest.py); in OWN_RUNS the tests that reuse run1's phase I step from the compilation
+# cache come after the two-device ones, by when the other worker has compiled it.
 RUNS = pytest.mark.xdist_group("train_runs")
 OWN_RUNS = pytest.mark.xdist_group("train_own_runs")
 
@@ -283,15 +285,6 @@ def test_single_phase_trains_everything_and_table5_reads_the_exports(tmp_path, r
                                                                      ("single_phase", True)]
 
 
-@OWN_RUNS
-def test_loss_falls_on_a_tiny_overfit_set(tmp_path):
-    two = write_faces(tmp_path / "two", (0, 40))
-    train.train_and_evaluate(smoke(1, two, total_steps=8, checkpoint_every=8, sample_every=0),
-                             str(tmp_path / "run"))
-    loss = [r["loss"] for r in jsonl(tmp_path / "run")]
-    assert len(loss) == 8 and max(loss[-2:]) < 0.7 * loss[0], loss
-
-
 @RUNS
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, faces, run1):
     """A NaN learning rate makes step 4's update NaN: the run stops naming step 4 and writes no
@@ -501,6 +494,15 @@ def test_no_recompilation_after_the_first_step(tmp_path, faces):
     with pytest.raises(AssertionError, match="traced > 1 times"):
         run.p_step(run.state, run.frozen, run.loss_nets, odd)
     run.ckpts.close()
+
+
+@OWN_RUNS
+def test_loss_falls_on_a_tiny_overfit_set(tmp_path):
+    two = write_faces(tmp_path / "two", (0, 40))
+    train.train_and_evaluate(smoke(1, two, total_steps=8, checkpoint_every=8, sample_every=0),
+                             str(tmp_path / "run"))
+    loss = [r["loss"] for r in jsonl(tmp_path / "run")]
+    assert len(loss) == 8 and max(loss[-2:]) < 0.7 * loss[0], loss
 
 
 # ----------------------------------------------------------------------------- CLI and inputs
