@@ -478,8 +478,8 @@ class Batcher:
     aligned images of several files, share a batch), then pastes back and writes each image.
     A failing image is added to `failures` (src, error); the others are written."""
 
-    def __init__(self, nets: Networks, k, force: bool, failures: list):
-        self.nets, self.k, self.force, self.failures = nets, k, force, failures
+    def __init__(self, nets: Networks, k, failures: list):
+        self.nets, self.k, self.failures = nets, k, failures
         self.groups: dict[bool, list[Item]] = collections.defaultdict(list)  # by refine
 
     def add(self, item: Item) -> None:
@@ -521,7 +521,7 @@ class Batcher:
                 result = align.paste_back(result, out[j], a, feather=0.1,
                                           mask=None if masks is None else masks[j])
         try:
-            _write(item.job, result, item.decoded, item.record, self.force)
+            _write(item.job, result, item.decoded, item.record)
         except InputError as e:
             self.failures.append((item.job.src, e))
 
@@ -538,7 +538,7 @@ def _make_parent(path: str) -> None:
         raise InputError(f"cannot create {parent}: {e.strerror}") from None
 
 
-def _write(job: Job, image: np.ndarray, like: imageio.Decoded, record: dict, force: bool) -> None:
+def _write(job: Job, image: np.ndarray, like: imageio.Decoded, record: dict) -> None:
     _make_parent(job.dst)
     # The image is encoded beside its place first, so that a failed write leaves an existing
     # pair (--force) as it was; then the sidecar lands, then the image (an image without its
@@ -573,7 +573,7 @@ def _report(failures: list[tuple[str, InputError]], n: int, skipped: int, plan_:
 def _run_images(jobs: list[Job], nets: Networks, key: Key, args, prepare, failures: list) -> int:
     """Runs the image jobs: `prepare(job)` -> Item in the producer thread, the networks here.
     -> the number of images skipped on purpose."""
-    skipped, batcher = 0, Batcher(nets, key.k, args.force, failures)
+    skipped, batcher = 0, Batcher(nets, key.k, failures)
     with prefetched(jobs, prepare) as results:
         for job in cli.progress(jobs, quiet=args.quiet):
             _, result = next(results)
