@@ -44,8 +44,8 @@ def release_weights(tmp_path_factory):
 # fixtures and compile its programs at the same time (the persistent cache only helps the
 # second worker once the first has finished a program); tests/test_train.py and the README
 # commands split themselves into their own groups. Groups run in this order, then the rest in file
-# order: the longest first (measured in a cold run on the 2-core machine: train_runs 370 s,
-# train_own_runs 300 s, test_commands 180 s), so that no worker starts a long group while the
+# order: the longest first (measured in a cold run on the 2-core machine: train_runs 315 s,
+# train_own_runs 215 s, test_commands 180 s), so that no worker starts a long group while the
 # other is nearly done; the README's commands after the modules whose programs they reuse from
 # the cache (command lines at the same shapes).
 ORDER = ("train_runs", "train_own_runs", "test_commands", "test_experiments", "test_demo",
